@@ -221,6 +221,11 @@ impl HfConfig {
             .model_type
             .clone()
             .ok_or_else(|| ModelError::Config("config.json has no `model_type`".into()))?;
+        if !matches!(family.as_str(), "llama" | "mistral" | "qwen2" | "gpt2") {
+            return Err(ModelError::Config(format!(
+                "unsupported model_type `{family}` (supported: llama, mistral, qwen2, gpt2)"
+            )));
+        }
         let need = |v: Option<usize>, k: &str| {
             v.ok_or_else(|| ModelError::Config(format!("config.json lacks `{k}`")))
         };
@@ -294,11 +299,7 @@ impl HfConfig {
                 tied_embeddings: self.tie_word_embeddings.unwrap_or(true),
                 final_norm: true,
             },
-            other => {
-                return Err(ModelError::Config(format!(
-                    "unsupported model_type `{other}` (supported: llama, mistral, qwen2, gpt2)"
-                )))
-            }
+            _ => unreachable!("family checked above"),
         };
         cfg.validate()?;
         Ok(cfg)

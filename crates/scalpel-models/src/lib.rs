@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod error;
+pub mod generation;
 pub mod hub;
 pub mod tokenizer;
 pub mod transformer;

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::Value as Json;
@@ -714,24 +715,32 @@ fn piece_style(decoder: Option<&DecoderWrapper>) -> PieceStyle {
 // ---------------------------------------------------------------------------------------------
 // Byte alphabets
 
-/// GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the other 68 are moved to
-/// U+0100 onwards, in byte order.
+/// Bytes GPT-2's alphabet writes as themselves.
+fn printable(byte: u8) -> bool {
+    matches!(byte, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
+/// The 68 other bytes, in order: GPT-2 writes the i-th as U+0100 + i.
+fn shifted_bytes() -> &'static [u8] {
+    static SHIFTED: OnceLock<Vec<u8>> = OnceLock::new();
+    SHIFTED.get_or_init(|| (0..=255u8).filter(|&b| !printable(b)).collect())
+}
+
+/// GPT-2's `bytes_to_unicode`: the character a byte is spelled with in a byte-level vocabulary.
 fn byte_to_char(byte: u8) -> char {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     if printable(byte) {
         return char::from(byte);
     }
-    let shifted = (0..byte).filter(|&b| !printable(b)).count() as u32;
-    char::from_u32(256 + shifted).expect("U+0100..U+0143 are chars")
+    let index = shifted_bytes().iter().position(|&b| b == byte);
+    let index = index.expect("a byte is printable or shifted") as u32;
+    char::from_u32(256 + index).expect("U+0100..U+0143 are chars")
 }
 
 /// The inverse of [`byte_to_char`]; `None` for a character outside the alphabet.
 fn char_to_byte(c: char) -> Option<u8> {
-    let code = u32::from(c);
-    match code {
-        0..=255 => u8::try_from(code).ok().filter(|&b| byte_to_char(b) == c),
-        256..=323 => (0..=255u8).find(|&b| byte_to_char(b) == c),
-        _ => None,
+    match u32::from(c) {
+        code @ 0..=255 => Some(code as u8).filter(|&b| printable(b)),
+        code => shifted_bytes().get(code as usize - 256).copied(),
     }
 }
 
