@@ -99,7 +99,7 @@ CONVERSATIONS = [
         {"role": "system", "content": "You are a pirate."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Arr! Ahoy, matey."},
-        {"role": "user", "content": "  Where is the treasure?  "},
+        {"role": "user", "content": "  Where is the <b>trésor</b> & 'gold'?  "},
     ],
 ]
 

@@ -1,7 +1,10 @@
 //! Tokenizer and chat-template parity with Hugging Face `transformers`.
 //!
 //! Fixtures come from `scripts/make_tokenizer_fixtures.py`. The SmolLM2 tests read the default
-//! model's GGUF from `$SCALPEL_TEST_GGUF` (default: the path `scalpel` downloads it to).
+//! model's GGUF from `$SCALPEL_TEST_GGUF`, else resolve (and, on a fresh machine, fetch) the
+//! built-in default model.
+
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,14 +16,11 @@ use scalpel_models::tokenizer::Tokenizer;
 use scalpel_models::ModelError;
 use serde_json::Value as Json;
 
-const DEFAULT_GGUF: &str =
-    "/root/.cache/scalpel/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf";
-
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")
 }
 
-fn fixture(name: &str) -> Json {
+fn fixture_json(name: &str) -> Json {
     let path = fixtures().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -41,9 +41,7 @@ fn read_gguf(path: &Path) -> Content {
 fn smollm2_content() -> &'static Content {
     static CONTENT: OnceLock<Content> = OnceLock::new();
     CONTENT.get_or_init(|| {
-        let path = std::env::var_os("SCALPEL_TEST_GGUF")
-            .map_or_else(|| PathBuf::from(DEFAULT_GGUF), PathBuf::from);
-        read_gguf(&path)
+        read_gguf(&common::smollm2_gguf())
     })
 }
 
@@ -111,7 +109,7 @@ fn cases(fixture: &Json) -> &[Json] {
 
 #[test]
 fn smollm2_ids_match_transformers() {
-    let fx = fixture("smollm2.json");
+    let fx = fixture_json("smollm2.json");
     let tok = smollm2();
     check_cases(
         "ids",
@@ -129,7 +127,7 @@ fn smollm2_ids_match_transformers() {
 
 #[test]
 fn smollm2_decodes_match_transformers() {
-    let fx = fixture("smollm2.json");
+    let fx = fixture_json("smollm2.json");
     let tok = smollm2();
     let by_text: HashMap<&str, &Json> = cases(&fx)
         .iter()
@@ -157,7 +155,7 @@ fn smollm2_decodes_match_transformers() {
 
 #[test]
 fn smollm2_special_tokens_and_formats_md_checks() {
-    let fx = fixture("smollm2.json");
+    let fx = fixture_json("smollm2.json");
     let tok = smollm2();
     assert_eq!(tok.vocab_size(), 49152);
     assert_eq!(tok.bos_id(), Some(1));
@@ -186,7 +184,7 @@ fn smollm2_special_tokens_and_formats_md_checks() {
 /// is applied to the same vocabulary.
 #[test]
 fn byte_level_pre_tokenizer_flavours_match_transformers() {
-    let fx = fixture("smollm2.json");
+    let fx = fixture_json("smollm2.json");
     let texts: Vec<&str> = cases(&fx)
         .iter()
         .map(|c| c["text"].as_str().unwrap())
@@ -209,7 +207,7 @@ fn byte_level_pre_tokenizer_flavours_match_transformers() {
 
 #[test]
 fn smollm2_chat_templates_match_transformers() {
-    let fx = fixture("smollm2.json");
+    let fx = fixture_json("smollm2.json");
     let tok = smollm2();
     for chat in fx["chats"].as_array().expect("chats") {
         let msgs = messages(&chat["messages"]);
@@ -261,7 +259,7 @@ impl Drop for TempDir {
 
 #[test]
 fn hf_dir_round_trip_gives_the_same_ids() {
-    let fx = fixture("smollm2.json");
+    let fx = fixture_json("smollm2.json");
     let gguf = smollm2();
     let dir = TempDir::new("smollm2");
     gguf.inner()
@@ -348,7 +346,7 @@ fn tiny_spm() -> Tokenizer {
 
 #[test]
 fn sentencepiece_gguf_matches_transformers() {
-    let fx = fixture("tiny_spm.json");
+    let fx = fixture_json("tiny_spm.json");
     let tok = tiny_spm();
     let by_text: HashMap<&str, &Json> = cases(&fx)
         .iter()

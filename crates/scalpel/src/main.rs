@@ -1,1 +1,112 @@
-fn main(){}
+//! `scalpel`: the command-line workbench. One module per subcommand; each builds a typed report
+//! and prints it either as a human table or, with `--json`, as one JSON object on stdout. Logs and
+//! progress go to stderr.
+
+mod bench;
+mod generate;
+mod hooks;
+mod inspect;
+mod model;
+mod progress;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// A mechanistic-interpretability workbench for transformer language models.
+#[derive(Parser, Debug)]
+#[command(name = "scalpel", version, about)]
+struct Cli {
+    /// Print machine-readable JSON on stdout instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More logging on stderr (-v debug, -vv trace). `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Only errors on stderr: no progress, no informational logs. `RUST_LOG` overrides.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one forward pass and show each position's top next-token predictions.
+    Run(run::Args),
+    /// Continue a prompt, streaming the text as it is generated.
+    Generate(generate::Args),
+    /// List the model's hook points and their activation shapes.
+    Hooks(hooks::Args),
+    /// Show the model's config, parameter count, files, tokenizer and stored tensors.
+    Inspect(inspect::Args),
+    /// Benchmark the model.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let json = cli.json;
+    let result = match cli.command {
+        Command::Run(args) => run::run(args, json),
+        Command::Generate(args) => generate::run(args, json),
+        Command::Hooks(args) => hooks::run(args, json),
+        Command::Inspect(args) => inspect::run(args, json),
+        Command::Bench(args) => bench::run(args, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`scalpel hooks | head -1`) is not a failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A tracing subscriber on stderr: info for scalpel's crates and warn for others by default.
+fn init_logging(verbose: u8, quiet: bool) {
+    let ours = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let others = if quiet { "error" } else { "warn" };
+    let default = format!("{others},scalpel={ours},scalpel_models={ours},scalpel_core={ours}");
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| progress::LogWriter)
+        .without_time()
+        .with_target(false)
+        .init();
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The error and its causes on one line, leaving out a cause whose text its parent already
+/// quotes (library errors often print their source inside their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if line.contains(&msg) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&msg);
+    }
+    line.replace('\n', " ")
+}
