@@ -6,6 +6,8 @@
 //! its f32 weight size, and, when `--torch` names a Python with torch and transformers, the same
 //! forward through `transformers` and the ratio.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -19,9 +21,8 @@ use scalpel_models::hub::ModelFiles;
 /// Benchmark options.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model to measure (a spec as for every subcommand).
-    #[arg(long, default_value = scalpel_models::hub::DEFAULT_MODEL)]
-    pub model: String,
+    #[command(flatten)]
+    pub model: crate::model::ModelArgs,
     /// Sequences per forward.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
@@ -84,13 +85,17 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     }
     let rss_before = peak_rss();
     let t_load = Instant::now();
-    let lm = scalpel_models::loader::load(&args.model, &Device::Cpu)?;
+    let lm = args.model.load()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let rss_peak = peak_rss();
     let m = &lm.model;
     let cfg = m.config();
     if args.seq > cfg.n_ctx {
-        bail!("--seq {} is longer than the model's context of {}", args.seq, cfg.n_ctx);
+        bail!(
+            "--seq {} is longer than the model's context of {}",
+            args.seq,
+            cfg.n_ctx
+        );
     }
     let f32_bytes = m.n_params() as u64 * 4;
 
@@ -124,9 +129,10 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         Ok(())
     })?;
     // FLOPs of one forward: 2 × (matmul parameters) per token, plus attention's two matmuls.
-    let matmul_params = (m.n_params() - cfg.d_vocab * cfg.d_model) as f64
-        + (cfg.d_vocab * cfg.d_model) as f64;
-    let attn_flops = 4.0 * (cfg.n_layers * cfg.n_heads * cfg.d_head) as f64 * (args.seq as f64 / 2.0);
+    let matmul_params =
+        (m.n_params() - cfg.d_vocab * cfg.d_model) as f64 + (cfg.d_vocab * cfg.d_model) as f64;
+    let attn_flops =
+        4.0 * (cfg.n_layers * cfg.n_heads * cfg.d_head) as f64 * (args.seq as f64 / 2.0);
     let flops_per_token = 2.0 * matmul_params + attn_flops;
     let tok_s = |t: f64| n as f64 / t;
 
@@ -137,7 +143,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |x| x.get());
     let ours = serde_json::json!({
         "impl": "scalpel (candle CPU, f32)",
-        "model": args.model,
+        "model": args.model.model,
         "threads": threads,
         "batch": args.batch,
         "seq": args.seq,
@@ -157,11 +163,9 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         "forward_fraction_of_gemm": round(tok_s(fwd.0) * flops_per_token / 1e9 / gemm, 3),
     });
     let ratios = torch.as_ref().map(|t| {
-        let r = |ours_k: &str, theirs_k: &str| {
-            match (ours[ours_k].as_f64(), t[theirs_k].as_f64()) {
-                (Some(a), Some(b)) if b > 0.0 => serde_json::json!(round(a / b, 3)),
-                _ => serde_json::Value::Null,
-            }
+        let r = |ours_k: &str, theirs_k: &str| match (ours[ours_k].as_f64(), t[theirs_k].as_f64()) {
+            (Some(a), Some(b)) if b > 0.0 => serde_json::json!(round(a / b, 3)),
+            _ => serde_json::Value::Null,
         };
         serde_json::json!({
             "forward": r("forward_tok_s_best", "forward_tok_s_best"),
@@ -170,13 +174,15 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             "sgemm": r("sgemm_gflops", "sgemm_gflops"),
         })
     });
-    let report = serde_json::json!({ "scalpel": ours, "torch": torch, "ratio_scalpel_over_torch": ratios });
+    let report =
+        serde_json::json!({ "scalpel": ours, "torch": torch, "ratio_scalpel_over_torch": ratios });
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::output::print_json(&report)
     } else {
-        print_human(&report);
+        let mut out = std::io::stdout().lock();
+        out.write_all(human(&report).as_bytes())?;
+        Ok(out.flush()?)
     }
-    Ok(())
 }
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -209,7 +215,10 @@ fn run_torch(py: &PathBuf, args: &Args, files: &ModelFiles) -> Result<serde_json
     if !out.status.success() {
         bail!(
             "PyTorch reference failed: {}",
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -221,34 +230,41 @@ fn run_torch(py: &PathBuf, args: &Args, files: &ModelFiles) -> Result<serde_json
     Ok(serde_json::from_str(line)?)
 }
 
-fn print_human(r: &serde_json::Value) {
+fn human(r: &serde_json::Value) -> String {
     let s = &r["scalpel"];
     let t = &r["torch"];
-    let row = |label: &str, k: &str| {
+    let mut o = String::new();
+    let row = |o: &mut String, label: &str, k: &str| {
         let theirs = if t.is_null() { "-".to_string() } else { t[k].to_string() };
-        println!("{label:<34} {:>12} {:>12}", s[k].to_string(), theirs);
+        let _ = writeln!(o, "{label:<34} {:>12} {:>12}", s[k].to_string(), theirs);
     };
-    println!(
+    let _ = writeln!(
+        o,
         "model {}  batch {} × seq {}  threads {}",
         s["model"].as_str().unwrap_or(""),
         s["batch"],
         s["seq"],
         s["threads"]
     );
-    println!("{:<34} {:>12} {:>12}", "", "scalpel", "torch");
-    row("forward tok/s (best)", "forward_tok_s_best");
-    row("forward tok/s (median)", "forward_tok_s_median");
-    row("forward + all resid hooks tok/s", "forward_all_resid_tok_s_best");
-    row("decode tok/s", "decode_tok_s_best");
-    row("sgemm GFLOP/s", "sgemm_gflops");
-    println!("all-residual-hooks overhead        {}", s["all_resid_overhead"]);
-    println!("forward GFLOP/s (fraction of GEMM) {} ({})", s["forward_gflops"], s["forward_fraction_of_gemm"]);
-    println!(
-        "load: {} s, peak RSS {} MB = {}× the f32 weights ({} MB)",
+    let _ = writeln!(o, "{:<34} {:>12} {:>12}", "", "scalpel", "torch");
+    row(&mut o, "forward tok/s (best)", "forward_tok_s_best");
+    row(&mut o, "forward tok/s (median)", "forward_tok_s_median");
+    row(&mut o, "forward + all resid hooks tok/s", "forward_all_resid_tok_s_best");
+    row(&mut o, "decode tok/s", "decode_tok_s_best");
+    row(&mut o, "sgemm GFLOP/s", "sgemm_gflops");
+    let _ = writeln!(o, "all-residual-hooks overhead        {}", s["all_resid_overhead"]);
+    let _ = writeln!(
+        o,
+        "forward GFLOP/s (fraction of GEMM) {} ({})",
+        s["forward_gflops"], s["forward_fraction_of_gemm"]
+    );
+    let _ = writeln!(
+        o,
+        "load: {} s, peak RSS {} MB = {}x the f32 weights ({} MB)",
         s["load_seconds"], s["load_peak_rss_mb"], s["load_peak_over_f32_weights"], s["f32_weights_mb"]
     );
     if !r["ratio_scalpel_over_torch"].is_null() {
-        println!("scalpel / torch: {}", r["ratio_scalpel_over_torch"]);
+        let _ = writeln!(o, "scalpel / torch: {}", r["ratio_scalpel_over_torch"]);
     }
+    o
 }
-

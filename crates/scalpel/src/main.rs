@@ -7,9 +7,12 @@ mod generate;
 mod hooks;
 mod inspect;
 mod model;
+mod output;
 mod progress;
+mod prompt;
 mod run;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -82,6 +85,7 @@ fn init_logging(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| progress::LogWriter)
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .with_target(false)
         .init();
@@ -95,18 +99,20 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 /// The error and its causes on one line, leaving out a cause whose text its parent already
-/// quotes (library errors often print their source inside their own message).
+/// quotes (library errors often print their source inside their own message). Only the first line
+/// of each message is kept: candle appends a backtrace after a newline when `RUST_BACKTRACE` is set.
 fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
-        let msg = cause.to_string();
-        if line.contains(&msg) {
+        let text = cause.to_string();
+        let msg = text.lines().next().unwrap_or_default().trim_end();
+        if msg.is_empty() || line.contains(msg) {
             continue;
         }
         if !line.is_empty() {
             line.push_str(": ");
         }
-        line.push_str(&msg);
+        line.push_str(msg);
     }
-    line.replace('\n', " ")
+    line
 }

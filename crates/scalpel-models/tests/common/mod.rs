@@ -8,7 +8,9 @@ use candle_core::{DType, Tensor};
 
 /// `crates/scalpel-models/tests/fixtures/<rel>`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// The default model's GGUF: `$SCALPEL_TEST_GGUF`, else resolved (and fetched if needed) through
@@ -19,7 +21,10 @@ pub fn smollm2_gguf() -> PathBuf {
     }
     match scalpel_models::hub::resolve(scalpel_models::hub::DEFAULT_MODEL) {
         Ok(scalpel_models::hub::ModelFiles::Gguf(p)) => p,
-        other => panic!("the default model did not resolve to a GGUF: {:?}", other.err()),
+        other => panic!(
+            "the default model did not resolve to a GGUF: {:?}",
+            other.err()
+        ),
     }
 }
 
@@ -33,8 +38,20 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f32, r
         actual.dims(),
         expected.dims()
     );
-    let a = actual.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let e = expected.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = actual
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let e = expected
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let mut worst: Option<(usize, f32)> = None;
     let mut n = 0;
     for (i, (&x, &y)) in a.iter().zip(&e).enumerate() {
@@ -47,7 +64,14 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f32, r
         }
         let excess = (x - y).abs() - (atol + rtol * y.abs());
         if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
-            worst = Some((i, if excess.is_nan() { f32::INFINITY } else { excess }));
+            worst = Some((
+                i,
+                if excess.is_nan() {
+                    f32::INFINITY
+                } else {
+                    excess
+                },
+            ));
         }
     }
     if let Some((i, _)) = worst {
