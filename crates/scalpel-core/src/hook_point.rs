@@ -391,7 +391,10 @@ mod tests {
 
     #[test]
     fn exact_strings_match_transformer_lens() {
-        assert_eq!(HookPoint::resid_post(6).to_string(), "blocks.6.hook_resid_post");
+        assert_eq!(
+            HookPoint::resid_post(6).to_string(),
+            "blocks.6.hook_resid_post"
+        );
         assert_eq!(
             HookPoint::Block(2, BlockHook::Pattern).to_string(),
             "blocks.2.attn.hook_pattern"
@@ -454,6 +457,9 @@ mod tests {
         assert!(HookPoint::parse_for("resid_post.0", &valid).is_ok());
         let err = HookPoint::parse_for("resid_post.5", &valid).unwrap_err();
         assert!(matches!(err, HookError::NotInModel { .. }));
-        assert!(err.to_string().contains("blocks.0.hook_resid_post"), "{err}");
+        assert!(
+            err.to_string().contains("blocks.0.hook_resid_post"),
+            "{err}"
+        );
     }
 }

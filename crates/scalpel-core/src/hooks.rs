@@ -191,13 +191,14 @@ mod tests {
 
     #[test]
     fn replacement_of_wrong_shape_is_refused() {
-        let mut h = Hooks::new().with_hook(HookPoint::Embed, |x, _| {
-            Ok(Some(x.narrow(1, 0, 1)?))
-        });
+        let mut h = Hooks::new().with_hook(HookPoint::Embed, |x, _| Ok(Some(x.narrow(1, 0, 1)?)));
         let x = Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let err = h.apply(HookPoint::Embed, x).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("hook_embed") && msg.contains("[2, 1]") && msg.contains("[2, 3]"), "{msg}");
+        assert!(
+            msg.contains("hook_embed") && msg.contains("[2, 1]") && msg.contains("[2, 3]"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -208,11 +209,18 @@ mod tests {
             .with_grad(HookPoint::Embed);
         let x = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
         let y = h.apply(HookPoint::Embed, x).unwrap();
-        let cached = h.cache().get(HookPoint::Embed).unwrap().to_vec1::<f32>().unwrap();
+        let cached = h
+            .cache()
+            .get(HookPoint::Embed)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(cached, vec![2., 4., 6.]);
         let loss = y.sqr().unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        let g = h.gradients(&grads).unwrap()[&HookPoint::Embed].to_vec1::<f32>().unwrap();
+        let g = h.gradients(&grads).unwrap()[&HookPoint::Embed]
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(g, vec![4., 8., 12.]);
     }
 }

@@ -115,7 +115,7 @@ impl Config {
                 self.d_model, self.n_layers, self.n_heads, self.d_vocab
             ));
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "n_heads ({}) must be a multiple of n_kv_heads ({})",
                 self.n_heads, self.n_kv_heads
@@ -124,7 +124,7 @@ impl Config {
         if self.d_head == 0 {
             return bad("d_head must be positive".into());
         }
-        if matches!(self.pos, Pos::Rotary { .. }) && self.d_head % 2 != 0 {
+        if matches!(self.pos, Pos::Rotary { .. }) && !self.d_head.is_multiple_of(2) {
             return bad(format!("rotary needs an even d_head, got {}", self.d_head));
         }
         if self.mlp.is_some() && self.d_mlp == 0 {
@@ -138,7 +138,14 @@ impl Config {
 
     /// A small attention-only or MLP transformer for toy experiments, with a sensible default
     /// shape: LayerNorm, learned positions, GELU, no biases on attention.
-    pub fn toy(n_layers: usize, d_model: usize, n_heads: usize, d_vocab: usize, n_ctx: usize, attn_only: bool) -> Config {
+    pub fn toy(
+        n_layers: usize,
+        d_model: usize,
+        n_heads: usize,
+        d_vocab: usize,
+        n_ctx: usize,
+        attn_only: bool,
+    ) -> Config {
         Config {
             family: "toy".into(),
             d_model,
@@ -152,7 +159,11 @@ impl Config {
             norm: Norm::LayerNorm,
             norm_eps: 1e-5,
             pos: Pos::Learned,
-            mlp: if attn_only { None } else { Some(Mlp::Standard { act: Act::GeluTanh }) },
+            mlp: if attn_only {
+                None
+            } else {
+                Some(Mlp::Standard { act: Act::GeluTanh })
+            },
             qkv_bias: true,
             attn_out_bias: true,
             mlp_bias: true,
@@ -180,7 +191,11 @@ fn act_from_hf(name: &str) -> Result<Act> {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_tanh" => Act::GeluTanh,
         "gelu" => Act::Gelu,
         "relu" => Act::Relu,
-        other => return Err(ModelError::Config(format!("unsupported activation `{other}`"))),
+        other => {
+            return Err(ModelError::Config(format!(
+                "unsupported activation `{other}`"
+            )))
+        }
     })
 }
 
@@ -317,9 +332,9 @@ pub(crate) fn parse_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option
         .and_then(|k| k.as_str())
         .unwrap_or("default");
     let num = |k: &str| {
-        v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| {
-            ModelError::Config(format!("rope_scaling of type `{kind}` lacks `{k}`"))
-        })
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| ModelError::Config(format!("rope_scaling of type `{kind}` lacks `{k}`")))
     };
     Ok(match kind {
         "default" => None,

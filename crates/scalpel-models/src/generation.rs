@@ -82,7 +82,9 @@ pub fn generate(
     }
     if let Some(p) = opts.top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ModelError::Input(format!("top_p must be in (0, 1], got {p}")));
+            return Err(ModelError::Input(format!(
+                "top_p must be in (0, 1], got {p}"
+            )));
         }
     }
     if opts.top_k == Some(0) {
@@ -135,7 +137,10 @@ fn choose(logits: &Tensor, opts: &GenerateOptions, rng: &mut impl Rng) -> Result
         order.truncate(k.min(order.len()));
     }
     let max = scaled[order[0]];
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((scaled[i] - max) as f64).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((scaled[i] - max) as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if let Some(top_p) = opts.top_p {

@@ -2,12 +2,13 @@
 //! directories, GGUF files, the hub), tokenizers, chat templates and generation.
 
 pub mod chat;
+pub mod config;
 pub mod error;
 pub mod generation;
 pub mod hub;
+mod kernels;
+pub mod loader;
 pub mod tokenizer;
 pub mod transformer;
-pub mod config;
-pub mod loader;
 
 pub use error::{ModelError, Result};

@@ -68,8 +68,9 @@ pub fn load_files(files: ModelFiles, device: &Device) -> Result<LoadedModel> {
         }
         ModelFiles::Gguf(path) => {
             let mut f = File::open(path).map_err(|e| ModelError::io(path, e))?;
-            let content = gguf_file::Content::read(&mut f)
-                .map_err(|e| ModelError::bad_file(path, format!("not a readable GGUF file: {e}")))?;
+            let content = gguf_file::Content::read(&mut f).map_err(|e| {
+                ModelError::bad_file(path, format!("not a readable GGUF file: {e}"))
+            })?;
             let cfg = config_from_gguf(&content, path)?;
             let tokenizer = Tokenizer::from_gguf(&content)?;
             let stored = gguf_stored(&content);
@@ -102,9 +103,8 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<(Model, Vec<StoredTens
     let paths = safetensors_files(dir)?;
     // SAFETY: the files are mapped read-only; as with every memory-mapped loader, the caller must
     // not truncate them while the model is loading. Every tensor is copied out before we return.
-    let st = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| {
-        ModelError::bad_file(dir, format!("unreadable safetensors: {e}"))
-    })?;
+    let st = unsafe { MmapedSafetensors::multi(&paths) }
+        .map_err(|e| ModelError::bad_file(dir, format!("unreadable safetensors: {e}")))?;
     let mut stored: Vec<StoredTensor> = st
         .tensors()
         .into_iter()
@@ -157,7 +157,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     files.dedup();
     let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
     if let Some(missing) = paths.iter().find(|p| !p.exists()) {
-        return Err(ModelError::bad_file(missing, "shard named in the index is missing"));
+        return Err(ModelError::bad_file(
+            missing,
+            "shard named in the index is missing",
+        ));
     }
     Ok(paths)
 }
@@ -401,7 +404,10 @@ pub fn unpermute_rotary_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let rest: Vec<usize> = dims[1..].to_vec();
     let mut s1 = vec![heads, dh / 2, 2];
     s1.extend(&rest);
-    Ok(t.reshape(s1)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    Ok(t.reshape(s1)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }
 
 fn gguf_str<'a>(c: &'a gguf_file::Content, key: &str) -> Option<&'a str> {
@@ -447,16 +453,18 @@ pub fn config_from_gguf(c: &gguf_file::Content, path: &Path) -> Result<Config> {
     if n_heads == 0 {
         return Err(ModelError::bad_file(path, "attention.head_count is 0"));
     }
-    let n_kv_heads = gguf_num(c, &format!("{arch}.attention.head_count_kv"))
-        .map_or(n_heads, |x| x as usize);
+    let n_kv_heads =
+        gguf_num(c, &format!("{arch}.attention.head_count_kv")).map_or(n_heads, |x| x as usize);
     let d_head = gguf_num(c, &format!("{arch}.attention.key_length"))
         .map_or(d_model / n_heads, |x| x as usize);
     let d_vocab = match c.tensor_infos.get("token_embd.weight") {
         Some(info) => info.shape.dims()[0],
-        None => return Err(ModelError::MissingTensor {
-            name: "token_embd.weight".into(),
-            source_desc: path.display().to_string(),
-        }),
+        None => {
+            return Err(ModelError::MissingTensor {
+                name: "token_embd.weight".into(),
+                source_desc: path.display().to_string(),
+            })
+        }
     };
     if c.tensor_infos.contains_key("rope_freqs.weight") {
         return Err(ModelError::bad_file(
@@ -601,10 +609,7 @@ mod tests {
             .reshape((h * dh, inp))
             .unwrap();
         let back = unpermute_rotary_rows(&permuted, h).unwrap();
-        assert_eq!(
-            back.to_vec2::<f32>().unwrap(),
-            hf.to_vec2::<f32>().unwrap()
-        );
+        assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
         assert_ne!(
             permuted.to_vec2::<f32>().unwrap(),
             hf.to_vec2::<f32>().unwrap()
@@ -613,11 +618,21 @@ mod tests {
 
     #[test]
     fn names_map_per_format() {
-        assert_eq!(llama_hf_name("blocks.3.attn.q.b"), "model.layers.3.self_attn.q_proj.bias");
-        assert_eq!(llama_hf_name("blocks.0.mlp.in.w"), "model.layers.0.mlp.up_proj.weight");
+        assert_eq!(
+            llama_hf_name("blocks.3.attn.q.b"),
+            "model.layers.3.self_attn.q_proj.bias"
+        );
+        assert_eq!(
+            llama_hf_name("blocks.0.mlp.in.w"),
+            "model.layers.0.mlp.up_proj.weight"
+        );
         assert_eq!(gguf_name("blocks.2.mlp.gate.w"), "blk.2.ffn_gate.weight");
         assert_eq!(gguf_name("ln_final.w"), "output_norm.weight");
-        assert!(matches!(gpt2_name("blocks.1.attn.k.w", ""), Stored::FusedQkv(n, 1) if n == "h.1.attn.c_attn.weight"));
-        assert!(matches!(gpt2_name("blocks.1.mlp.out.w", "transformer."), Stored::Transposed(n) if n == "transformer.h.1.mlp.c_proj.weight"));
+        assert!(
+            matches!(gpt2_name("blocks.1.attn.k.w", ""), Stored::FusedQkv(n, 1) if n == "h.1.attn.c_attn.weight")
+        );
+        assert!(
+            matches!(gpt2_name("blocks.1.mlp.out.w", "transformer."), Stored::Transposed(n) if n == "transformer.h.1.mlp.c_proj.weight")
+        );
     }
 }

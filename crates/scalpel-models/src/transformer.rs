@@ -88,6 +88,10 @@ pub struct Attention {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    /// q, k and v stacked into one matrix (`q`, `k`, `v` are then views into it), so that one
+    /// larger matmul replaces three. Absent for trainable weights, which must stay separate
+    /// variables.
+    qkv: Option<Linear>,
 }
 
 /// MLP weights of one block. `gate` is present for gated MLPs.
@@ -96,6 +100,37 @@ pub struct MlpW {
     pub gate: Option<Linear>,
     pub w_in: Linear,
     pub w_out: Linear,
+    /// Gated MLPs with frozen weights: gate and up stacked (`[2·d_mlp, d_model]`).
+    gate_up: Option<Linear>,
+}
+
+/// Stacks the rows of several linear maps into one and returns it with views of each part.
+/// Trainable (variable) weights are left alone.
+fn stack(parts: &[&Linear]) -> Result<Option<(Linear, Vec<Linear>)>> {
+    if parts.iter().any(|l| l.w.is_variable()) {
+        return Ok(None);
+    }
+    let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w).collect();
+    let w = Tensor::cat(&ws, 0)?;
+    let b = if parts.iter().all(|l| l.b.is_some()) {
+        let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.b.as_ref()).collect();
+        Some(Tensor::cat(&bs, 0)?)
+    } else if parts.iter().all(|l| l.b.is_none()) {
+        None
+    } else {
+        return Ok(None);
+    };
+    let mut views = Vec::with_capacity(parts.len());
+    let mut start = 0;
+    for l in parts {
+        let n = l.w.dim(0)?;
+        views.push(Linear {
+            w: w.narrow(0, start, n)?,
+            b: b.as_ref().map(|b| b.narrow(0, start, n)).transpose()?,
+        });
+        start += n;
+    }
+    Ok(Some((Linear { w, b }, views)))
 }
 
 /// One transformer block.
@@ -190,12 +225,23 @@ impl Model {
         for l in 0..cfg.n_layers {
             let p = |s: &str| names::block(l, s);
             let ln1 = norm(src, &p("ln1"))?;
-            let attn = Attention {
+            let mut attn = Attention {
                 q: Linear::load(src, &p("attn.q"), h * dh, d, cfg.qkv_bias, dev)?,
                 k: Linear::load(src, &p("attn.k"), kvh * dh, d, cfg.qkv_bias, dev)?,
                 v: Linear::load(src, &p("attn.v"), kvh * dh, d, cfg.qkv_bias, dev)?,
                 o: Linear::load(src, &p("attn.o"), d, h * dh, cfg.attn_out_bias, dev)?,
+                qkv: None,
             };
+            if let Some((qkv, views)) = stack(&[&attn.q, &attn.k, &attn.v])? {
+                let [q, k, v]: [Linear; 3] = views.try_into().expect("three views of three parts");
+                attn = Attention {
+                    q,
+                    k,
+                    v,
+                    qkv: Some(qkv),
+                    ..attn
+                };
+            }
             let (ln2, mlp) = match cfg.mlp {
                 None => (None, None),
                 Some(kind) => {
@@ -206,11 +252,24 @@ impl Model {
                         }
                         Mlp::Standard { .. } => None,
                     };
-                    let mlp = MlpW {
+                    let mut mlp = MlpW {
                         gate,
                         w_in: Linear::load(src, &p("mlp.in"), m, d, cfg.mlp_bias, dev)?,
                         w_out: Linear::load(src, &p("mlp.out"), d, m, cfg.mlp_bias, dev)?,
+                        gate_up: None,
                     };
+                    if let Some(g) = &mlp.gate {
+                        if let Some((gu, views)) = stack(&[g, &mlp.w_in])? {
+                            let [g, u]: [Linear; 2] =
+                                views.try_into().expect("two views of two parts");
+                            mlp = MlpW {
+                                gate: Some(g),
+                                w_in: u,
+                                gate_up: Some(gu),
+                                ..mlp
+                            };
+                        }
+                    }
                     (Some(norm(src, &p("ln2"))?), Some(mlp))
                 }
             };
@@ -409,7 +468,13 @@ impl Model {
         hooks: &mut Hooks,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        self.forward_impl(tokens, attention_mask, hooks, RunOptions::default(), Some(cache))
+        self.forward_impl(
+            tokens,
+            attention_mask,
+            hooks,
+            RunOptions::default(),
+            Some(cache),
+        )
     }
 
     fn forward_impl(
@@ -422,13 +487,21 @@ impl Model {
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, p) = tokens.dims2().map_err(|_| {
-            ModelError::Input(format!("tokens must be [batch, pos], got {:?}", tokens.dims()))
+            ModelError::Input(format!(
+                "tokens must be [batch, pos], got {:?}",
+                tokens.dims()
+            ))
         })?;
         if b == 0 || p == 0 {
             return Err(ModelError::Input("empty input: no tokens to run".into()));
         }
         let ids = tokens.to_dtype(DType::U32)?;
-        if let Some(&bad) = ids.flatten_all()?.to_vec1::<u32>()?.iter().find(|&&t| t as usize >= c.d_vocab) {
+        if let Some(&bad) = ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .find(|&&t| t as usize >= c.d_vocab)
+        {
             return Err(ModelError::Input(format!(
                 "token id {bad} is outside the vocabulary (size {})",
                 c.d_vocab
@@ -508,7 +581,10 @@ impl Model {
             grad,
         };
 
-        let embed = self.w_e.embedding(&ids.flatten_all()?)?.reshape((b, p, c.d_model))?;
+        let embed = self
+            .w_e
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, p, c.d_model))?;
         let mut x = hooks.apply(HookPoint::Embed, embed)?;
         if let Some(w_pos) = &self.w_pos {
             let pos_t = Tensor::from_vec(pos_ids.clone(), b * p, &self.device)?;
@@ -527,7 +603,7 @@ impl Model {
             x = y;
             new_layers.push(kv);
         }
-        if let Some(kv) = cache.as_deref_mut() {
+        if let Some(kv) = cache {
             kv.layers = new_layers.into_iter().map(Some).collect();
             kv.key_mask = key_mask;
             kv.next_pos = next_pos;
@@ -555,7 +631,12 @@ impl Model {
     }
 
     /// cos and sin tables `[b, p, d_head/2]` for the given position ids.
-    fn rotary_tables(&self, pos_ids: &[u32], b: usize, p: usize) -> Result<Option<(Tensor, Tensor)>> {
+    fn rotary_tables(
+        &self,
+        pos_ids: &[u32],
+        b: usize,
+        p: usize,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         let Some(inv) = &self.inv_freq else {
             return Ok(None);
         };
@@ -704,9 +785,22 @@ impl Model {
         let hp = |bh| HookPoint::Block(l, bh);
         let (b, p, _) = x.dims3()?;
         let x2 = x.reshape((b * p, d))?;
-        let q = a.q.forward(&x2)?.reshape((b, p, h, dh))?;
-        let k = a.k.forward(&x2)?.reshape((b, p, kvh, dh))?;
-        let v = a.v.forward(&x2)?.reshape((b, p, kvh, dh))?;
+        let (q, k, v) = match &a.qkv {
+            Some(qkv) => {
+                // One matmul; q, k, v are head-slices of its output, [b, p, heads, dh] views.
+                let y = qkv.forward(&x2)?.reshape((b, p, h + 2 * kvh, dh))?;
+                (
+                    y.narrow(2, 0, h)?,
+                    y.narrow(2, h, kvh)?,
+                    y.narrow(2, h + kvh, kvh)?,
+                )
+            }
+            None => (
+                a.q.forward(&x2)?.reshape((b, p, h, dh))?,
+                a.k.forward(&x2)?.reshape((b, p, kvh, dh))?,
+                a.v.forward(&x2)?.reshape((b, p, kvh, dh))?,
+            ),
+        };
         let q = hooks.apply(hp(BlockHook::Q), q)?;
         let k = hooks.apply(hp(BlockHook::K), k)?;
         let v = hooks.apply(hp(BlockHook::V), v)?;
@@ -754,7 +848,11 @@ impl Model {
         let out = if hooks.wants(hp(BlockHook::Result)) {
             // Per-head contributions: result[b,p,h,:] = z[b,p,h,:] W_O[:, h*dh..(h+1)*dh]ᵀ.
             let zh = z.permute((2, 0, 1, 3))?.reshape((h, b * p, dh))?;
-            let wo = a.o.w.reshape((d, h, dh))?.permute((1, 2, 0))?.contiguous()?; // [h, dh, d]
+            let wo =
+                a.o.w
+                    .reshape((d, h, dh))?
+                    .permute((1, 2, 0))?
+                    .contiguous()?; // [h, dh, d]
             let result = zh
                 .matmul(&wo)?
                 .reshape((h, b, p, d))?
@@ -766,7 +864,8 @@ impl Model {
                 None => summed,
             }
         } else {
-            a.o.forward(&z.reshape((b * p, h * dh))?)?.reshape((b, p, d))?
+            a.o.forward(&z.reshape((b * p, h * dh))?)?
+                .reshape((b, p, d))?
         };
         Ok((hooks.apply(hp(BlockHook::AttnOut), out)?, (k, v)))
     }
@@ -782,15 +881,21 @@ impl Model {
             Some(Mlp::Gated { act } | Mlp::Standard { act }) => act,
             None => unreachable!("mlp() is only called for models with an MLP"),
         };
-        let post = match &m.gate {
-            Some(gate) => {
+        let hooked = hooks.wants(hp(BlockHook::MlpPre)) || hooks.wants(hp(BlockHook::MlpPreLinear));
+        let post = match (&m.gate_up, &m.gate) {
+            (Some(gu), _) if act == Act::Silu && !hooked && !hooks.needs_grad() => {
+                let y = gu.forward(&x2)?; // [b·p, 2·d_mlp]: gate then up
+                y.apply_op1_no_bwd(&crate::kernels::SwiGlu)?
+                    .reshape((b, p, c.d_mlp))?
+            }
+            (_, Some(gate)) => {
                 let pre = gate.forward(&x2)?.reshape((b, p, c.d_mlp))?;
                 let pre = hooks.apply(hp(BlockHook::MlpPre), pre)?;
                 let lin = m.w_in.forward(&x2)?.reshape((b, p, c.d_mlp))?;
                 let lin = hooks.apply(hp(BlockHook::MlpPreLinear), lin)?;
                 (activation(&pre, act)? * lin)?
             }
-            None => {
+            (_, None) => {
                 let pre = m.w_in.forward(&x2)?.reshape((b, p, c.d_mlp))?;
                 let pre = hooks.apply(hp(BlockHook::MlpPre), pre)?;
                 activation(&pre, act)?
@@ -860,7 +965,11 @@ pub fn rotary_inv_freq(theta: f64, d_head: usize, scaling: Option<&RopeScaling>)
             original_max_position_embeddings,
         }) => {
             let old = *original_max_position_embeddings as f32;
-            let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+            let (factor, lo, hi) = (
+                *factor as f32,
+                *low_freq_factor as f32,
+                *high_freq_factor as f32,
+            );
             let low_wavelen = old / lo;
             let high_wavelen = old / hi;
             for f in &mut inv {

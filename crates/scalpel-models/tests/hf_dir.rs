@@ -28,15 +28,19 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::copy(fixture("models/qwen2/config.json"), dir.join("config.json")).unwrap();
-    let all = candle_core::safetensors::load(fixture("models/qwen2/model.safetensors"), &Device::Cpu).unwrap();
+    let all =
+        candle_core::safetensors::load(fixture("models/qwen2/model.safetensors"), &Device::Cpu)
+            .unwrap();
     let mut names: Vec<&String> = all.keys().collect();
     names.sort();
     let (a, b) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
     for (i, part) in [a, b].into_iter().enumerate() {
         let file = format!("model-0000{}-of-00002.safetensors", i + 1);
-        let tensors: std::collections::HashMap<String, Tensor> =
-            part.iter().map(|n| ((*n).clone(), all[*n].clone())).collect();
+        let tensors: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
         candle_core::safetensors::save(&tensors, dir.join(&file)).unwrap();
         for n in part.iter() {
             map.insert((*n).clone(), serde_json::Value::String(file.clone()));
@@ -58,17 +62,28 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     // A shard named in the index but absent.
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let e = load_err(dir);
-    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model-00002-of-00002.safetensors") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bf16_and_f16_checkpoints_are_read_as_f32() {
-    let all = candle_core::safetensors::load(fixture("models/llama/model.safetensors"), &Device::Cpu).unwrap();
+    let all =
+        candle_core::safetensors::load(fixture("models/llama/model.safetensors"), &Device::Cpu)
+            .unwrap();
     let write = |dtype: DType, name: &str| {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(fixture("models/llama/config.json"), dir.path().join("config.json")).unwrap();
-        let ts: std::collections::HashMap<String, Tensor> =
-            all.iter().map(|(k, v)| (k.clone(), v.to_dtype(dtype).unwrap())).collect();
+        std::fs::copy(
+            fixture("models/llama/config.json"),
+            dir.path().join("config.json"),
+        )
+        .unwrap();
+        let ts: std::collections::HashMap<String, Tensor> = all
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(dtype).unwrap()))
+            .collect();
         candle_core::safetensors::save(&ts, dir.path().join(name)).unwrap();
         dir
     };
@@ -76,14 +91,26 @@ fn bf16_and_f16_checkpoints_are_read_as_f32() {
     for dtype in [DType::BF16, DType::F16] {
         let half = write(dtype, "model.safetensors");
         let (m, stored) = load_hf_dir(half.path(), &Device::Cpu).unwrap();
-        assert!(stored.iter().all(|t| t.dtype == format!("{dtype:?}")), "{dtype:?}");
+        assert!(
+            stored.iter().all(|t| t.dtype == format!("{dtype:?}")),
+            "{dtype:?}"
+        );
         // The same values, rounded then widened to f32 before saving: must give identical logits.
         let rounded: std::collections::HashMap<String, Tensor> = all
             .iter()
-            .map(|(k, v)| (k.clone(), v.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap(),
+                )
+            })
             .collect();
         let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(fixture("models/llama/config.json"), dir.path().join("config.json")).unwrap();
+        std::fs::copy(
+            fixture("models/llama/config.json"),
+            dir.path().join("config.json"),
+        )
+        .unwrap();
         candle_core::safetensors::save(&rounded, dir.path().join("model.safetensors")).unwrap();
         let (want, _) = load_hf_dir(dir.path(), &Device::Cpu).unwrap();
         assert_close(
@@ -101,7 +128,11 @@ fn missing_files_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let e = load_err(tmp.path());
     assert!(e.contains("config.json"), "{e}");
-    std::fs::copy(fixture("models/llama/config.json"), tmp.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("models/llama/config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
     let e = load_err(tmp.path());
     assert!(e.contains("model.safetensors"), "{e}");
 }
@@ -115,14 +146,23 @@ fn truncated_and_lying_safetensors_are_refused() {
     // Truncated: half the file.
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(dir);
-    assert!(e.contains("model.safetensors") || e.contains(&dir.display().to_string()), "{e}");
+    assert!(
+        e.contains("model.safetensors") || e.contains(&dir.display().to_string()),
+        "{e}"
+    );
     assert!(e.contains("safetensors"), "{e}");
     // A header that claims more data than the file holds: grow the last offset.
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
     let total_data = bytes.len() - 8 - n;
-    let lie = header.replace(&format!("{total_data}]"), &format!("{}]", total_data + 4096));
-    assert_ne!(lie, header, "test setup: end offset {total_data} not found in header");
+    let lie = header.replace(
+        &format!("{total_data}]"),
+        &format!("{}]", total_data + 4096),
+    );
+    assert_ne!(
+        lie, header,
+        "test setup: end offset {total_data} not found in header"
+    );
     // Keep the header length identical by trimming trailing spaces safetensors pads with.
     let mut lie = lie.into_bytes();
     lie.resize(n, b' ');
@@ -149,7 +189,11 @@ fn tensors_of_the_wrong_shape_are_named_with_both_shapes() {
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let err = load_hf_dir(dir, &Device::Cpu).err().unwrap();
     match &err {
-        ModelError::TensorShape { name, expected, found } => {
+        ModelError::TensorShape {
+            name,
+            expected,
+            found,
+        } => {
             assert_eq!(name, "model.layers.0.mlp.gate_proj.weight");
             assert_eq!(expected, &vec![96, 64]);
             assert_eq!(found, &vec![128, 64]);
@@ -163,8 +207,14 @@ fn tensors_of_the_wrong_shape_are_named_with_both_shapes() {
 fn a_missing_tensor_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    std::fs::copy(fixture("models/llama3/config.json"), dir.join("config.json")).unwrap();
-    let mut all = candle_core::safetensors::load(fixture("models/llama3/model.safetensors"), &Device::Cpu).unwrap();
+    std::fs::copy(
+        fixture("models/llama3/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let mut all =
+        candle_core::safetensors::load(fixture("models/llama3/model.safetensors"), &Device::Cpu)
+            .unwrap();
     all.remove("lm_head.weight");
     candle_core::safetensors::save(&all, dir.join("model.safetensors")).unwrap();
     let e = load_err(dir);
@@ -176,7 +226,11 @@ fn unsupported_and_broken_configs_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     copy_fixture("llama", dir);
-    std::fs::write(dir.join("config.json"), r#"{"model_type": "t5", "d_model": 8}"#).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "t5", "d_model": 8}"#,
+    )
+    .unwrap();
     let e = load_err(dir);
     assert!(e.contains("t5") && e.contains("config.json"), "{e}");
     std::fs::write(dir.join("config.json"), "{ truncated").unwrap();

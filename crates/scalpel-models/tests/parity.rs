@@ -24,7 +24,8 @@ struct Fixture {
 fn load(family: &str) -> Fixture {
     let dir = fixture(&format!("models/{family}"));
     let (model, _) = load_hf_dir(&dir, &Device::Cpu).unwrap();
-    let refs = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let refs =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     let tokens = refs["input_ids"].to_dtype(DType::U32).unwrap();
     let mask = refs["attention_mask"].clone();
     Fixture {
@@ -52,14 +53,22 @@ fn check_all_hooks(family: &str, differentiable: bool) {
         )
         .unwrap();
     let cache = hooks.take_cache();
-    assert_close(&format!("{family} logits"), &logits, &f.refs["logits"], ATOL, RTOL);
+    assert_close(
+        &format!("{family} logits"),
+        &logits,
+        &f.refs["logits"],
+        ATOL,
+        RTOL,
+    );
     let mut compared = 0;
     for hp in f.model.hook_points() {
         let name = hp.to_string();
         let Some(expected) = f.refs.get(&name) else {
             continue;
         };
-        let got = cache.get(hp).unwrap_or_else(|| panic!("{family}: {name} was not cached"));
+        let got = cache
+            .get(hp)
+            .unwrap_or_else(|| panic!("{family}: {name} was not cached"));
         assert_close(&format!("{family} {name}"), got, expected, ATOL, RTOL);
         compared += 1;
     }
@@ -95,9 +104,20 @@ fn fast_path_without_hooks_matches() {
         let f = load(family);
         let logits = f
             .model
-            .forward_with(&f.tokens, Some(&f.mask), &mut Hooks::new(), RunOptions::default())
+            .forward_with(
+                &f.tokens,
+                Some(&f.mask),
+                &mut Hooks::new(),
+                RunOptions::default(),
+            )
             .unwrap();
-        assert_close(&format!("{family} logits (no hooks)"), &logits, &f.refs["logits"], ATOL, RTOL);
+        assert_close(
+            &format!("{family} logits (no hooks)"),
+            &logits,
+            &f.refs["logits"],
+            ATOL,
+            RTOL,
+        );
     }
 }
 
@@ -106,7 +126,14 @@ fn padded_row_equals_the_row_run_alone() {
     for family in FAMILIES {
         let f = load(family);
         // Row 1 has 3 pads then 7 real tokens.
-        let row = f.tokens.get(1).unwrap().narrow(0, 3, 7).unwrap().unsqueeze(0).unwrap();
+        let row = f
+            .tokens
+            .get(1)
+            .unwrap()
+            .narrow(0, 3, 7)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = f.model.forward(&row).unwrap();
         assert_close(
             &format!("{family} unpadded row 1"),
@@ -133,7 +160,13 @@ fn stop_at_layer_returns_the_residual_entering_that_block() {
             },
         )
         .unwrap();
-    assert_close("stop_at_layer 1", &resid, &f.refs["blocks.1.hook_resid_pre"], ATOL, RTOL);
+    assert_close(
+        "stop_at_layer 1",
+        &resid,
+        &f.refs["blocks.1.hook_resid_pre"],
+        ATOL,
+        RTOL,
+    );
     let err = f
         .model
         .forward_with(
@@ -185,10 +218,25 @@ fn replacing_an_activation_changes_downstream_values() {
         .with_cache_points([hp]);
     let logits = f.model.run_with_hooks(&f.tokens, &mut hooks).unwrap();
     let z = hooks.cache().get(hp).unwrap().clone();
-    let head1 = z.narrow(2, 1, 1).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let head1 = z
+        .narrow(2, 1, 1)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(head1, 0.0);
     let clean = f.model.forward(&f.tokens).unwrap();
-    let diff = (logits - clean).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (logits - clean)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff > 1e-3, "ablating a head changed nothing ({diff})");
 }
 
@@ -197,12 +245,29 @@ fn wrong_shape_replacement_and_unknown_hooks_are_clear_errors() {
     let f = load("llama");
     let hp = HookPoint::resid_pre(1);
     let mut hooks = Hooks::new().with_hook(hp, |x, _| Ok(Some(x.narrow(2, 0, 3)?)));
-    let err = f.model.run_with_hooks(&f.tokens, &mut hooks).unwrap_err().to_string();
-    assert!(err.contains("blocks.1.hook_resid_pre") && err.contains("[2, 10, 3]"), "{err}");
-    let err = f.model.hook_point("blocks.7.hook_resid_pre").unwrap_err().to_string();
-    assert!(err.contains("blocks.1.hook_resid_pre"), "suggestion missing: {err}");
+    let err = f
+        .model
+        .run_with_hooks(&f.tokens, &mut hooks)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blocks.1.hook_resid_pre") && err.contains("[2, 10, 3]"),
+        "{err}"
+    );
+    let err = f
+        .model
+        .hook_point("blocks.7.hook_resid_pre")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blocks.1.hook_resid_pre"),
+        "suggestion missing: {err}"
+    );
     let err = f.model.hook_point("resid_psot.0").unwrap_err().to_string();
-    assert!(err.contains("blocks.0.hook_resid_post"), "suggestion missing: {err}");
+    assert!(
+        err.contains("blocks.0.hook_resid_post"),
+        "suggestion missing: {err}"
+    );
     // GPT-2 has no rotary hooks; llama has no pos_embed.
     assert!(load("gpt2").model.hook_point("rot_q0").is_err());
     assert!(f.model.hook_point("hook_pos_embed").is_err());
@@ -212,7 +277,11 @@ fn wrong_shape_replacement_and_unknown_hooks_are_clear_errors() {
 fn gradients_with_respect_to_hooks_match_finite_differences() {
     let f = load("llama");
     let row = f.tokens.get(0).unwrap().unsqueeze(0).unwrap();
-    let points = [HookPoint::resid_pre(0), HookPoint::resid_pre(1), HookPoint::Block(1, BlockHook::Pattern)];
+    let points = [
+        HookPoint::resid_pre(0),
+        HookPoint::resid_pre(1),
+        HookPoint::Block(1, BlockHook::Pattern),
+    ];
     let mut hooks = Hooks::new();
     for p in points {
         hooks = hooks.with_grad(p).with_cache_points(points);
@@ -236,17 +305,47 @@ fn gradients_with_respect_to_hooks_match_finite_differences() {
             delta[pos * 64 + dim] = sign * eps;
             let delta = Tensor::from_vec(delta, (1, 10, 64), &Device::Cpu).unwrap();
             let replaced = (&act0 + &delta).unwrap();
-            let mut h = Hooks::new().with_hook(HookPoint::resid_pre(0), move |_, _| Ok(Some(replaced.clone())));
+            let mut h = Hooks::new().with_hook(HookPoint::resid_pre(0), move |_, _| {
+                Ok(Some(replaced.clone()))
+            });
             let l = f.model.run_with_hooks(&row, &mut h).unwrap();
-            vals[k] = l.get(0).unwrap().get(9).unwrap().get(7).unwrap().to_scalar::<f32>().unwrap();
+            vals[k] = l
+                .get(0)
+                .unwrap()
+                .get(9)
+                .unwrap()
+                .get(7)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
         }
         let fd = (vals[0] - vals[1]) / (2.0 * eps);
-        let an = g0.get(0).unwrap().get(pos).unwrap().get(dim).unwrap().to_scalar::<f32>().unwrap();
-        assert!((fd - an).abs() <= 2e-3 + 2e-2 * an.abs(), "d logit / d resid_pre0[{pos},{dim}]: analytic {an}, finite difference {fd}");
+        let an = g0
+            .get(0)
+            .unwrap()
+            .get(pos)
+            .unwrap()
+            .get(dim)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (fd - an).abs() <= 2e-3 + 2e-2 * an.abs(),
+            "d logit / d resid_pre0[{pos},{dim}]: analytic {an}, finite difference {fd}"
+        );
     }
     // A later position cannot influence an earlier one: the gradient at resid_pre(1) for a loss at
     // position 9 is nonzero at 9; the pattern's gradient exists and has its shape.
-    assert_eq!(grads[&HookPoint::Block(1, BlockHook::Pattern)].dims(), &[1, 4, 10, 10]);
-    let g1 = grads[&HookPoint::resid_pre(1)].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(
+        grads[&HookPoint::Block(1, BlockHook::Pattern)].dims(),
+        &[1, 4, 10, 10]
+    );
+    let g1 = grads[&HookPoint::resid_pre(1)]
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(g1 > 0.0);
 }

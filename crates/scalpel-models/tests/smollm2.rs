@@ -24,7 +24,15 @@ fn refs() -> std::collections::HashMap<String, Tensor> {
 fn config_read_from_gguf_metadata() {
     let c = model().model.config();
     assert_eq!(
-        (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_mlp, c.d_vocab),
+        (
+            c.n_layers,
+            c.d_model,
+            c.n_heads,
+            c.n_kv_heads,
+            c.d_head,
+            c.d_mlp,
+            c.d_vocab
+        ),
         (30, 576, 9, 3, 64, 1536, 49152)
     );
     assert!(c.tied_embeddings);
@@ -36,18 +44,34 @@ fn logits_and_hooks_match_transformers() {
     let r = refs();
     let m = &model().model;
     let tokens = r["input_ids"].to_dtype(DType::U32).unwrap();
-    let names: Vec<&str> = r.keys().filter(|k| k.contains("hook")).map(|s| s.as_str()).collect();
+    let names: Vec<&str> = r
+        .keys()
+        .filter(|k| k.contains("hook"))
+        .map(|s| s.as_str())
+        .collect();
     let points: Vec<_> = names.iter().map(|n| m.hook_point(n).unwrap()).collect();
     let mut hooks = Hooks::new().with_cache_points(points.clone());
-    let logits = m.run_with_hooks(&tokens, &mut hooks).unwrap().squeeze(0).unwrap(); // [p, v]
+    let logits = m
+        .run_with_hooks(&tokens, &mut hooks)
+        .unwrap()
+        .squeeze(0)
+        .unwrap(); // [p, v]
 
     // Top-1 agreement at every position (>= 99%), allowing swaps only where the reference's own
     // top-2 gap is tiny.
     let top1: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
     let want: Vec<i64> = r["top1"].to_vec1().unwrap();
-    let agree = top1.iter().zip(&want).filter(|(a, b)| **a as i64 == **b).count();
+    let agree = top1
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| **a as i64 == **b)
+        .count();
     let frac = agree as f64 / want.len() as f64;
-    assert!(frac >= 0.99, "top-1 agreement {agree}/{} = {frac:.3}", want.len());
+    assert!(
+        frac >= 0.99,
+        "top-1 agreement {agree}/{} = {frac:.3}",
+        want.len()
+    );
 
     // The reference's 20 best logits per position, within 2e-3 absolute (both sides dequantize
     // the same Q4_1 blocks; differences are f32 summation order over 30 layers).
@@ -55,14 +79,21 @@ fn logits_and_hooks_match_transformers() {
     let ours = logits.gather(&ids, 1).unwrap();
     assert_close("top-20 logits", &ours, &r["topk_logits"], 2e-3, 1e-4);
     let lse = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-    let lse = (logits.narrow(1, 0, 1).unwrap() - lse.narrow(1, 0, 1).unwrap()).unwrap().squeeze(1).unwrap();
+    let lse = (logits.narrow(1, 0, 1).unwrap() - lse.narrow(1, 0, 1).unwrap())
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
     assert_close("logsumexp", &lse, &r["logsumexp"], 2e-3, 1e-4);
 
     // Hooks, including q and k before rotary: these only agree if llama.cpp's Q/K row
     // permutation was undone.
     for (name, hp) in names.iter().zip(points) {
         let got = hooks.cache().get(hp).unwrap();
-        let (atol, rtol) = if name.contains("pattern") { (1e-4, 1e-3) } else { (2e-3, 1e-3) };
+        let (atol, rtol) = if name.contains("pattern") {
+            (1e-4, 1e-3)
+        } else {
+            (2e-3, 1e-3)
+        };
         assert_close(name, got, &r[*name], atol, rtol);
     }
 }
@@ -99,8 +130,16 @@ fn batched_padded_forward_equals_single_rows() {
     let batch = m
         .forward_with(&tokens, Some(&mask), &mut Hooks::new(), Default::default())
         .unwrap();
-    let alone = m.forward(&Tensor::new(vec![b.clone()], &Device::Cpu).unwrap()).unwrap();
-    let row = batch.get(1).unwrap().narrow(0, p - b.len(), b.len()).unwrap().unsqueeze(0).unwrap();
+    let alone = m
+        .forward(&Tensor::new(vec![b.clone()], &Device::Cpu).unwrap())
+        .unwrap();
+    let row = batch
+        .get(1)
+        .unwrap()
+        .narrow(0, p - b.len(), b.len())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     assert_close("padded row vs alone", &row, &alone, 1e-3, 1e-4);
 }
 
@@ -109,7 +148,11 @@ fn greedy_fixture() -> serde_json::Value {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -164,14 +207,21 @@ fn kv_cache_steps_equal_a_full_forward() {
     let m = &model().model;
     let tok = model().tokenizer().unwrap();
     let ids = tok.encode("One two three four five six", false).unwrap();
-    let full = m.forward(&Tensor::new(vec![ids.clone()], &Device::Cpu).unwrap()).unwrap();
+    let full = m
+        .forward(&Tensor::new(vec![ids.clone()], &Device::Cpu).unwrap())
+        .unwrap();
     let mut cache = KvCache::default();
     let mut hooks = Hooks::new();
     let head = Tensor::new(vec![ids[..3].to_vec()], &Device::Cpu).unwrap();
-    let mut parts = vec![m.forward_cached(&head, None, &mut hooks, &mut cache).unwrap()];
+    let mut parts = vec![m
+        .forward_cached(&head, None, &mut hooks, &mut cache)
+        .unwrap()];
     for &t in &ids[3..] {
         let step = Tensor::new(vec![vec![t]], &Device::Cpu).unwrap();
-        parts.push(m.forward_cached(&step, None, &mut hooks, &mut cache).unwrap());
+        parts.push(
+            m.forward_cached(&step, None, &mut hooks, &mut cache)
+                .unwrap(),
+        );
     }
     let stepped = Tensor::cat(&parts, 1).unwrap();
     assert_close("cached steps vs full forward", &stepped, &full, 1e-3, 1e-4);
@@ -199,7 +249,10 @@ fn hooks_stay_active_during_generation() {
         };
         let out = generate(&lm.model, &prompt, &opts, &mut hooks, |_| {}).unwrap();
         let text = tok.decode(&out.tokens, false).unwrap();
-        assert!(!text.starts_with(" Paris"), "zeroing the residual changed nothing: {text:?}");
+        assert!(
+            !text.starts_with(" Paris"),
+            "zeroing the residual changed nothing: {text:?}"
+        );
     }
     assert_eq!(calls.get(), 4);
     assert_eq!(offsets, vec![0, 5, 6, 7]);
@@ -209,7 +262,11 @@ fn hooks_stay_active_during_generation() {
 fn sampling_is_reproducible_with_a_seed() {
     use scalpel_models::generation::{generate, GenerateOptions};
     let lm = model();
-    let prompt = lm.tokenizer().unwrap().encode("Once upon a time", false).unwrap();
+    let prompt = lm
+        .tokenizer()
+        .unwrap()
+        .encode("Once upon a time", false)
+        .unwrap();
     let opts = |seed| GenerateOptions {
         max_new_tokens: 10,
         temperature: 1.0,
@@ -218,22 +275,46 @@ fn sampling_is_reproducible_with_a_seed() {
         seed,
         ..Default::default()
     };
-    let run = |seed| generate(&lm.model, &prompt, &opts(seed), &mut Hooks::new(), |_| {}).unwrap().tokens;
+    let run = |seed| {
+        generate(&lm.model, &prompt, &opts(seed), &mut Hooks::new(), |_| {})
+            .unwrap()
+            .tokens
+    };
     assert_eq!(run(3), run(3));
-    assert!((0..4).any(|s| run(s) != run(3)), "different seeds never differ");
+    assert!(
+        (0..4).any(|s| run(s) != run(3)),
+        "different seeds never differ"
+    );
 }
 
 #[test]
 fn bad_requests_are_clear_errors() {
     use scalpel_models::generation::{generate, GenerateOptions};
     let m = &model().model;
-    let err = generate(m, &[], &GenerateOptions::default(), &mut Hooks::new(), |_| {}).unwrap_err();
+    let err = generate(
+        m,
+        &[],
+        &GenerateOptions::default(),
+        &mut Hooks::new(),
+        |_| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("empty prompt"), "{err}");
     let long = vec![5u32; m.config().n_ctx + 1];
-    let err = m.forward(&Tensor::new(vec![long], &Device::Cpu).unwrap()).unwrap_err();
-    assert!(err.to_string().contains("longer than the model's context"), "{err}");
-    let err = m.forward(&Tensor::new(vec![vec![1u32, 60000]], &Device::Cpu).unwrap()).unwrap_err();
+    let err = m
+        .forward(&Tensor::new(vec![long], &Device::Cpu).unwrap())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("longer than the model's context"),
+        "{err}"
+    );
+    let err = m
+        .forward(&Tensor::new(vec![vec![1u32, 60000]], &Device::Cpu).unwrap())
+        .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
-    let opts = GenerateOptions { temperature: -1.0, ..Default::default() };
+    let opts = GenerateOptions {
+        temperature: -1.0,
+        ..Default::default()
+    };
     assert!(generate(m, &[1], &opts, &mut Hooks::new(), |_| {}).is_err());
 }

@@ -40,9 +40,7 @@ fn read_gguf(path: &Path) -> Content {
 /// The default model's GGUF metadata, read once.
 fn smollm2_content() -> &'static Content {
     static CONTENT: OnceLock<Content> = OnceLock::new();
-    CONTENT.get_or_init(|| {
-        read_gguf(&common::smollm2_gguf())
-    })
+    CONTENT.get_or_init(|| read_gguf(&common::smollm2_gguf()))
 }
 
 fn smollm2() -> &'static Tokenizer {

@@ -235,7 +235,11 @@ fn human(r: &serde_json::Value) -> String {
     let t = &r["torch"];
     let mut o = String::new();
     let row = |o: &mut String, label: &str, k: &str| {
-        let theirs = if t.is_null() { "-".to_string() } else { t[k].to_string() };
+        let theirs = if t.is_null() {
+            "-".to_string()
+        } else {
+            t[k].to_string()
+        };
         let _ = writeln!(o, "{label:<34} {:>12} {:>12}", s[k].to_string(), theirs);
     };
     let _ = writeln!(
@@ -249,10 +253,18 @@ fn human(r: &serde_json::Value) -> String {
     let _ = writeln!(o, "{:<34} {:>12} {:>12}", "", "scalpel", "torch");
     row(&mut o, "forward tok/s (best)", "forward_tok_s_best");
     row(&mut o, "forward tok/s (median)", "forward_tok_s_median");
-    row(&mut o, "forward + all resid hooks tok/s", "forward_all_resid_tok_s_best");
+    row(
+        &mut o,
+        "forward + all resid hooks tok/s",
+        "forward_all_resid_tok_s_best",
+    );
     row(&mut o, "decode tok/s", "decode_tok_s_best");
     row(&mut o, "sgemm GFLOP/s", "sgemm_gflops");
-    let _ = writeln!(o, "all-residual-hooks overhead        {}", s["all_resid_overhead"]);
+    let _ = writeln!(
+        o,
+        "all-residual-hooks overhead        {}",
+        s["all_resid_overhead"]
+    );
     let _ = writeln!(
         o,
         "forward GFLOP/s (fraction of GEMM) {} ({})",
@@ -261,7 +273,10 @@ fn human(r: &serde_json::Value) -> String {
     let _ = writeln!(
         o,
         "load: {} s, peak RSS {} MB = {}x the f32 weights ({} MB)",
-        s["load_seconds"], s["load_peak_rss_mb"], s["load_peak_over_f32_weights"], s["f32_weights_mb"]
+        s["load_seconds"],
+        s["load_peak_rss_mb"],
+        s["load_peak_over_f32_weights"],
+        s["f32_weights_mb"]
     );
     if !r["ratio_scalpel_over_torch"].is_null() {
         let _ = writeln!(o, "scalpel / torch: {}", r["ratio_scalpel_over_torch"]);

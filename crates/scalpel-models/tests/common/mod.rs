@@ -63,7 +63,9 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f32, r
             continue;
         }
         let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
+        if (excess > 0.0 || excess.is_nan())
+            && worst.is_none_or(|(_, w)| excess > w || excess.is_nan())
+        {
             worst = Some((
                 i,
                 if excess.is_nan() {
