@@ -483,7 +483,7 @@ impl Model {
         attention_mask: Option<&Tensor>,
         hooks: &mut Hooks,
         opts: RunOptions,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, p) = tokens.dims2().map_err(|_| {
