@@ -410,6 +410,95 @@ pub fn unpermute_rotary_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape(dims)?)
 }
 
+/// Names the tensor when candle refuses a GGML type it does not know (IQ*, TQ*, MXFP4...).
+fn gguf_read_error(path: &Path, e: candle_core::Error) -> ModelError {
+    let msg = e.to_string();
+    let msg = msg.lines().next().unwrap_or("").to_string();
+    if let Some(id) = msg
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    {
+        let which = gguf_tensor_with_type(path, id)
+            .map(|n| format!("tensor `{n}` has"))
+            .unwrap_or_else(|| "a tensor has".into());
+        return ModelError::bad_file(
+            path,
+            format!(
+                "{which} GGML type id {id}, which scalpel cannot read (supported: F32, F16, BF16, \
+                 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)"
+            ),
+        );
+    }
+    ModelError::bad_file(path, format!("not a readable GGUF file: {msg}"))
+}
+
+/// Walks a GGUF header (v2/v3) to find the first tensor stored with GGML type `id`.
+fn gguf_tensor_with_type(path: &Path, id: u32) -> Option<String> {
+    use std::io::Read;
+    fn u32_(r: &mut impl Read) -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    fn u64_(r: &mut impl Read) -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    fn string(r: &mut impl Read) -> Option<String> {
+        let n = u64_(r)?;
+        if n > 1 << 20 {
+            return None;
+        }
+        let mut b = vec![0u8; n as usize];
+        r.read_exact(&mut b).ok()?;
+        String::from_utf8(b).ok()
+    }
+    fn skip_value(r: &mut impl Read, ty: u32) -> Option<()> {
+        let fixed = match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => return string(r).map(|_| ()),
+            9 => {
+                let inner = u32_(r)?;
+                let n = u64_(r)?;
+                for _ in 0..n {
+                    skip_value(r, inner)?;
+                }
+                return Some(());
+            }
+            _ => return None,
+        };
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b[..fixed]).ok()
+    }
+    let mut r = std::io::BufReader::new(File::open(path).ok()?);
+    if u32_(&mut r)? != 0x4655_4747 || u32_(&mut r)? < 2 {
+        return None;
+    }
+    let (n_tensors, n_kv) = (u64_(&mut r)?, u64_(&mut r)?);
+    for _ in 0..n_kv {
+        string(&mut r)?;
+        let ty = u32_(&mut r)?;
+        skip_value(&mut r, ty)?;
+    }
+    for _ in 0..n_tensors {
+        let name = string(&mut r)?;
+        let n_dims = u32_(&mut r)?;
+        for _ in 0..n_dims {
+            u64_(&mut r)?;
+        }
+        let ty = u32_(&mut r)?;
+        u64_(&mut r)?;
+        if ty == id {
+            return Some(name);
+        }
+    }
+    None
+}
+
 fn gguf_str<'a>(c: &'a gguf_file::Content, key: &str) -> Option<&'a str> {
     match c.metadata.get(key) {
         Some(gguf_file::Value::String(s)) => Some(s.as_str()),
