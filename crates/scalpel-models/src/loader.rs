@@ -68,9 +68,7 @@ pub fn load_files(files: ModelFiles, device: &Device) -> Result<LoadedModel> {
         }
         ModelFiles::Gguf(path) => {
             let mut f = File::open(path).map_err(|e| ModelError::io(path, e))?;
-            let content = gguf_file::Content::read(&mut f).map_err(|e| {
-                ModelError::bad_file(path, format!("not a readable GGUF file: {e}"))
-            })?;
+            let content = gguf_file::Content::read(&mut f).map_err(|e| gguf_read_error(path, e))?;
             let cfg = config_from_gguf(&content, path)?;
             let tokenizer = Tokenizer::from_gguf(&content)?;
             let stored = gguf_stored(&content);

@@ -528,7 +528,12 @@ fn unknown_tensor_type_is_named() {
     let err = load_error(&path);
     assert_mentions(
         &err,
-        &["unknown-type.gguf", "blk.0.attn_v.weight", "type id 99", "Q4_K"],
+        &[
+            "unknown-type.gguf",
+            "blk.0.attn_v.weight",
+            "type id 99",
+            "Q4_K",
+        ],
     );
 }
 
