@@ -44,3 +44,135 @@ impl CustomOp1 for SwiGlu {
         Ok((CpuStorage::F32(out), Shape::from((n, m))))
     }
 }
+
+/// Causal self-attention for the inference fast path, straight from the fused q/k/v projection:
+/// rotary on q and k, scaled dot products over the visible keys only, softmax and the weighted sum
+/// of values, written as `z [b, p, h, dh]` (the layout the output projection reads). It replaces
+/// four transposes, the full `p × p` score matrix, the mask addition and two temporaries.
+///
+/// Input `[b, p, h + 2·kv_heads, dh]` (q heads, then k, then v). Query head `i` reads key/value
+/// head `i / (h / kv_heads)`. A padding query attends to itself only, as in the plain path.
+pub struct CausalAttention<'a> {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub scale: f32,
+    /// cos and sin tables `[b, p, dh/2]`, absent for models without rotary.
+    pub cos_sin: Option<(&'a [f32], &'a [f32])>,
+    /// Per row: which positions are real tokens.
+    pub real: &'a [Vec<bool>],
+}
+
+/// `a · b` with eight independent partial sums, so the compiler can vectorise it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Half-split rotary of one head vector, times `scale`, into `out`.
+#[inline]
+fn rotate_into(x: &[f32], cos: &[f32], sin: &[f32], scale: f32, out: &mut [f32]) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = out.split_at_mut(half);
+    for i in 0..half {
+        o1[i] = (x1[i] * cos[i] - x2[i] * sin[i]) * scale;
+        o2[i] = (x2[i] * cos[i] + x1[i] * sin[i]) * scale;
+    }
+}
+
+impl CustomOp1 for CausalAttention<'_> {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("causal-attention: only f32 is supported");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("causal-attention: input must be contiguous");
+        };
+        let (b, p, heads, dh) = layout.shape().dims4()?;
+        let (h, kvh) = (self.n_heads, self.n_kv_heads);
+        if heads != h + 2 * kvh || self.real.len() != b || h % kvh != 0 {
+            candle_core::bail!("causal-attention: inconsistent head counts");
+        }
+        let src = &data[start..end];
+        let row = heads * dh;
+        let half = dh / 2;
+        // Rotated (and, for q, pre-scaled) queries and keys, [b·p, heads, dh].
+        let mut q = vec![0f32; b * p * h * dh];
+        let mut k = vec![0f32; b * p * kvh * dh];
+        q.par_chunks_mut(h * dh)
+            .zip(k.par_chunks_mut(kvh * dh))
+            .enumerate()
+            .for_each(|(r, (qr, kr))| {
+                let x = &src[r * row..(r + 1) * row];
+                match self.cos_sin {
+                    Some((cos, sin)) => {
+                        let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+                        for (i, o) in qr.chunks_exact_mut(dh).enumerate() {
+                            rotate_into(&x[i * dh..(i + 1) * dh], c, s, self.scale, o);
+                        }
+                        for (g, o) in kr.chunks_exact_mut(dh).enumerate() {
+                            rotate_into(&x[(h + g) * dh..(h + g + 1) * dh], c, s, 1.0, o);
+                        }
+                    }
+                    None => {
+                        for (o, &v) in qr.iter_mut().zip(&x[..h * dh]) {
+                            *o = v * self.scale;
+                        }
+                        kr.copy_from_slice(&x[h * dh..(h + kvh) * dh]);
+                    }
+                }
+            });
+        let n_rep = h / kvh;
+        let mut z = vec![0f32; b * p * h * dh];
+        z.par_chunks_mut(h * dh).enumerate().for_each(|(r, zr)| {
+            let (bi, i) = (r / p, r % p);
+            let real = &self.real[bi];
+            let mut w = vec![0f32; i + 1];
+            for head in 0..h {
+                let g = head / n_rep;
+                let qv = &q[(r * h + head) * dh..][..dh];
+                let mut max = f32::NEG_INFINITY;
+                for (j, wj) in w.iter_mut().enumerate() {
+                    let visible = if real[i] { real[j] } else { j == i };
+                    *wj = if visible {
+                        let s = dot(qv, &k[((bi * p + j) * kvh + g) * dh..][..dh]);
+                        max = max.max(s);
+                        s
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                let mut sum = 0f32;
+                for wj in w.iter_mut() {
+                    *wj = (*wj - max).exp();
+                    sum += *wj;
+                }
+                let out = &mut zr[head * dh..(head + 1) * dh];
+                out.fill(0.0);
+                for (j, &wj) in w.iter().enumerate() {
+                    if wj == 0.0 {
+                        continue;
+                    }
+                    let v = &src[(bi * p + j) * row + (h + kvh + g) * dh..][..dh];
+                    let a = wj / sum;
+                    for (o, &x) in out.iter_mut().zip(v) {
+                        *o += a * x;
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(z), Shape::from((b, p, h, dh))))
+    }
+}

@@ -178,11 +178,16 @@ impl KvCache {
 
 /// Per-forward tensors shared by all blocks.
 struct Ctx {
-    /// `[b, p, d_head/2]` each, rotary models only.
+    /// `[b, p, d_head/2]` each, rotary models only, as tensors and as plain data.
     cos_sin: Option<(Tensor, Tensor)>,
+    cos_sin_data: Option<(Vec<f32>, Vec<f32>)>,
     /// Additive attention mask `[b or 1, 1, p, p_total]`, absent when nothing is masked.
     mask: Option<Tensor>,
+    /// Per row: which of this forward's positions are real tokens.
+    real: Vec<Vec<bool>>,
     grad: bool,
+    /// Keys and values must be returned for a KV cache.
+    caching: bool,
 }
 
 /// The hooked transformer.
@@ -575,10 +580,24 @@ impl Model {
         for (r, row) in mask_rows.iter().enumerate() {
             key_mask[r].extend_from_slice(row);
         }
+        let cos_sin_data = self.rotary_tables(&pos_ids);
+        let cos_sin = match &cos_sin_data {
+            Some((c, s)) => {
+                let half = c.len() / (b * p);
+                Some((
+                    Tensor::from_slice(c, (b, p, half), &self.device)?,
+                    Tensor::from_slice(s, (b, p, half), &self.device)?,
+                ))
+            }
+            None => None,
+        };
         let ctx = Ctx {
-            cos_sin: self.rotary_tables(&pos_ids, b, p)?,
+            cos_sin,
+            cos_sin_data,
             mask: self.attention_mask(&key_mask, &mask_rows, past, p)?,
+            real: mask_rows,
             grad,
+            caching: cache.is_some(),
         };
 
         let embed = self
@@ -604,7 +623,7 @@ impl Model {
             new_layers.push(kv);
         }
         if let Some(kv) = cache {
-            kv.layers = new_layers.into_iter().map(Some).collect();
+            kv.layers = new_layers;
             kv.key_mask = key_mask;
             kv.next_pos = next_pos;
         }
@@ -631,18 +650,10 @@ impl Model {
     }
 
     /// cos and sin tables `[b, p, d_head/2]` for the given position ids.
-    fn rotary_tables(
-        &self,
-        pos_ids: &[u32],
-        b: usize,
-        p: usize,
-    ) -> Result<Option<(Tensor, Tensor)>> {
-        let Some(inv) = &self.inv_freq else {
-            return Ok(None);
-        };
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(b * p * half);
-        let mut sin = Vec::with_capacity(b * p * half);
+    fn rotary_tables(&self, pos_ids: &[u32]) -> Option<(Vec<f32>, Vec<f32>)> {
+        let inv = self.inv_freq.as_ref()?;
+        let mut cos = Vec::with_capacity(pos_ids.len() * inv.len());
+        let mut sin = Vec::with_capacity(pos_ids.len() * inv.len());
         for &pos in pos_ids {
             for &f in inv {
                 // f32 product, as Hugging Face computes it, so angles agree bit for bit.
@@ -651,10 +662,7 @@ impl Model {
                 sin.push(a.sin());
             }
         }
-        Ok(Some((
-            Tensor::from_vec(cos, (b, p, half), &self.device)?,
-            Tensor::from_vec(sin, (b, p, half), &self.device)?,
-        )))
+        Some((cos, sin))
     }
 
     /// Additive mask `[b, 1, p, past + p]`: 0 where a query may look, -inf elsewhere. A padding
@@ -735,7 +743,7 @@ impl Model {
         hooks: &mut Hooks,
         ctx: &Ctx,
         past_kv: Option<(Tensor, Tensor)>,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let hp = |h| HookPoint::Block(l, h);
         let resid_pre = hooks.apply(hp(BlockHook::ResidPre), x)?;
         let n1 = self.norm(
@@ -769,8 +777,8 @@ impl Model {
     }
 
     /// # Shapes
-    /// `x: [b, p, d]` → `[b, p, d]`, plus this layer's full keys and values
-    /// `[b, kv_heads, p_total, d_head]` for the KV cache.
+    /// `x: [b, p, d]` → `[b, p, d]`, plus, when a KV cache is kept, this layer's full keys and
+    /// values `[b, kv_heads, p_total, d_head]`.
     fn attention(
         &self,
         l: usize,
@@ -779,12 +787,45 @@ impl Model {
         hooks: &mut Hooks,
         ctx: &Ctx,
         past_kv: Option<(Tensor, Tensor)>,
-    ) -> Result<(Tensor, (Tensor, Tensor))> {
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let c = &self.cfg;
         let (h, kvh, dh, d) = (c.n_heads, c.n_kv_heads, c.d_head, c.d_model);
         let hp = |bh| HookPoint::Block(l, bh);
         let (b, p, _) = x.dims3()?;
         let x2 = x.reshape((b * p, d))?;
+        let internals_wanted = [
+            BlockHook::Q,
+            BlockHook::K,
+            BlockHook::V,
+            BlockHook::RotQ,
+            BlockHook::RotK,
+            BlockHook::AttnScores,
+            BlockHook::Pattern,
+        ]
+        .into_iter()
+        .any(|bh| hooks.wants(hp(bh)));
+        if let (Some(qkv), false, false, false, true) = (
+            &a.qkv,
+            ctx.grad,
+            ctx.caching,
+            internals_wanted,
+            x.device().is_cpu(),
+        ) {
+            // Fast path: one fused kernel from the q/k/v projection to z.
+            let y = qkv.forward(&x2)?.reshape((b, p, h + 2 * kvh, dh))?;
+            let z = y.apply_op1_no_bwd(&crate::kernels::CausalAttention {
+                n_heads: h,
+                n_kv_heads: kvh,
+                scale: 1.0 / (dh as f32).sqrt(),
+                cos_sin: ctx
+                    .cos_sin_data
+                    .as_ref()
+                    .map(|(c, s)| (c.as_slice(), s.as_slice())),
+                real: &ctx.real,
+            })?;
+            let z = hooks.apply(hp(BlockHook::Z), z)?;
+            return Ok((self.attention_output(l, a, z, hooks)?, None));
+        }
         let (q, k, v) = match &a.qkv {
             Some(qkv) => {
                 // One matmul; q, k, v are head-slices of its output, [b, p, heads, dh] views.
@@ -845,6 +886,16 @@ impl Model {
             .reshape((b, h, p, dh))?
             .transpose(1, 2)?; // [b, p, h, dh]
         let z = hooks.apply(hp(BlockHook::Z), z)?;
+        let kv = if ctx.caching { Some((k, v)) } else { None };
+        Ok((self.attention_output(l, a, z, hooks)?, kv))
+    }
+
+    /// The output projection of `z [b, p, h, dh]`, through per-head results when they are wanted.
+    fn attention_output(&self, l: usize, a: &Attention, z: Tensor, hooks: &mut Hooks) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (h, dh, d) = (c.n_heads, c.d_head, c.d_model);
+        let hp = |bh| HookPoint::Block(l, bh);
+        let (b, p, _, _) = z.dims4()?;
         let out = if hooks.wants(hp(BlockHook::Result)) {
             // Per-head contributions: result[b,p,h,:] = z[b,p,h,:] W_O[:, h*dh..(h+1)*dh]ᵀ.
             let zh = z.permute((2, 0, 1, 3))?.reshape((h, b * p, dh))?;
@@ -867,7 +918,7 @@ impl Model {
             a.o.forward(&z.reshape((b * p, h * dh))?)?
                 .reshape((b, p, d))?
         };
-        Ok((hooks.apply(hp(BlockHook::AttnOut), out)?, (k, v)))
+        Ok(hooks.apply(hp(BlockHook::AttnOut), out)?)
     }
 
     /// # Shapes
