@@ -62,12 +62,96 @@ pub struct CausalAttention<'a> {
     pub real: &'a [Vec<bool>],
 }
 
+/// The per-query work of [`CausalAttention`]: all heads of one query position.
+struct AttentionRows<'a> {
+    /// Rotated, scaled queries `[b·p, h, dh]`.
+    q: &'a [f32],
+    /// Rotated keys `[b·p, kv_heads, dh]`.
+    k: &'a [f32],
+    /// The fused projection `[b·p, h + 2·kv_heads, dh]` (values are read from it).
+    src: &'a [f32],
+    p: usize,
+    h: usize,
+    kvh: usize,
+    dh: usize,
+    real: &'a [Vec<bool>],
+}
+
+impl AttentionRows<'_> {
+    fn run(&self, r: usize, zr: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features this copy of the loop was compiled for.
+            unsafe { self.run_avx2(r, zr) };
+            return;
+        }
+        self.run_generic(r, zr);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, r: usize, zr: &mut [f32]) {
+        self.run_generic(r, zr);
+    }
+
+    /// Scores over the visible keys, softmax, weighted sum of values; written for the
+    /// auto-vectoriser (inlined into each target-feature copy).
+    #[inline(always)]
+    fn run_generic(&self, r: usize, zr: &mut [f32]) {
+        let (p, h, kvh, dh) = (self.p, self.h, self.kvh, self.dh);
+        let (bi, i) = (r / p, r % p);
+        let real = &self.real[bi];
+        let row = (h + 2 * kvh) * dh;
+        let n_rep = h / kvh;
+        let mut w = vec![0f32; i + 1];
+        for head in 0..h {
+            let g = head / n_rep;
+            let qv = &self.q[(r * h + head) * dh..][..dh];
+            let mut max = f32::NEG_INFINITY;
+            for (j, wj) in w.iter_mut().enumerate() {
+                let visible = if real[i] { real[j] } else { j == i };
+                *wj = if visible {
+                    let s = dot(qv, &self.k[((bi * p + j) * kvh + g) * dh..][..dh]);
+                    max = max.max(s);
+                    s
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+            let mut sum = 0f32;
+            for wj in w.iter_mut() {
+                *wj = (*wj - max).exp();
+                sum += *wj;
+            }
+            let inv = 1.0 / sum;
+            let out = &mut zr[head * dh..(head + 1) * dh];
+            out.fill(0.0);
+            for (j, &wj) in w.iter().enumerate() {
+                if wj == 0.0 {
+                    continue;
+                }
+                let v = &self.src[(bi * p + j) * row + (h + kvh + g) * dh..][..dh];
+                let a = wj * inv;
+                for (o, &x) in out.iter_mut().zip(v) {
+                    *o += a * x;
+                }
+            }
+        }
+    }
+}
+
 /// `a · b` with eight independent partial sums, so the compiler can vectorise it.
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
             acc[l] += x[l] * y[l];
@@ -93,7 +177,11 @@ impl CustomOp1 for CausalAttention<'_> {
         "causal-attention"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("causal-attention: only f32 is supported");
         };
@@ -118,7 +206,10 @@ impl CustomOp1 for CausalAttention<'_> {
                 let x = &src[r * row..(r + 1) * row];
                 match self.cos_sin {
                     Some((cos, sin)) => {
-                        let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+                        let (c, s) = (
+                            &cos[r * half..(r + 1) * half],
+                            &sin[r * half..(r + 1) * half],
+                        );
                         for (i, o) in qr.chunks_exact_mut(dh).enumerate() {
                             rotate_into(&x[i * dh..(i + 1) * dh], c, s, self.scale, o);
                         }
@@ -134,45 +225,20 @@ impl CustomOp1 for CausalAttention<'_> {
                     }
                 }
             });
-        let n_rep = h / kvh;
         let mut z = vec![0f32; b * p * h * dh];
-        z.par_chunks_mut(h * dh).enumerate().for_each(|(r, zr)| {
-            let (bi, i) = (r / p, r % p);
-            let real = &self.real[bi];
-            let mut w = vec![0f32; i + 1];
-            for head in 0..h {
-                let g = head / n_rep;
-                let qv = &q[(r * h + head) * dh..][..dh];
-                let mut max = f32::NEG_INFINITY;
-                for (j, wj) in w.iter_mut().enumerate() {
-                    let visible = if real[i] { real[j] } else { j == i };
-                    *wj = if visible {
-                        let s = dot(qv, &k[((bi * p + j) * kvh + g) * dh..][..dh]);
-                        max = max.max(s);
-                        s
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                }
-                let mut sum = 0f32;
-                for wj in w.iter_mut() {
-                    *wj = (*wj - max).exp();
-                    sum += *wj;
-                }
-                let out = &mut zr[head * dh..(head + 1) * dh];
-                out.fill(0.0);
-                for (j, &wj) in w.iter().enumerate() {
-                    if wj == 0.0 {
-                        continue;
-                    }
-                    let v = &src[(bi * p + j) * row + (h + kvh + g) * dh..][..dh];
-                    let a = wj / sum;
-                    for (o, &x) in out.iter_mut().zip(v) {
-                        *o += a * x;
-                    }
-                }
-            }
-        });
+        let job = AttentionRows {
+            q: &q,
+            k: &k,
+            src,
+            p,
+            h,
+            kvh,
+            dh,
+            real: self.real,
+        };
+        z.par_chunks_mut(h * dh)
+            .enumerate()
+            .for_each(|(r, zr)| job.run(r, zr));
         Ok((CpuStorage::F32(z), Shape::from((b, p, h, dh))))
     }
 }

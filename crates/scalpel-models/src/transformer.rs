@@ -891,7 +891,13 @@ impl Model {
     }
 
     /// The output projection of `z [b, p, h, dh]`, through per-head results when they are wanted.
-    fn attention_output(&self, l: usize, a: &Attention, z: Tensor, hooks: &mut Hooks) -> Result<Tensor> {
+    fn attention_output(
+        &self,
+        l: usize,
+        a: &Attention,
+        z: Tensor,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let (h, dh, d) = (c.n_heads, c.d_head, c.d_model);
         let hp = |bh| HookPoint::Block(l, bh);

@@ -18,12 +18,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc keeps freed pages for reuse: a forward pass allocates the same large buffers (logits,
-/// MLP activations) every time, and the system allocator returns them to the kernel and faults
-/// them back in, zeroed, on the next call.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A mechanistic-interpretability workbench for transformer language models.
 #[derive(Parser, Debug)]
 #[command(name = "scalpel", version, about)]
