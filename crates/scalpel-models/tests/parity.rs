@@ -349,3 +349,64 @@ fn gradients_with_respect_to_hooks_match_finite_differences() {
         .unwrap();
     assert!(g1 > 0.0);
 }
+
+#[test]
+fn replacing_the_pattern_drives_z() {
+    // Replace layer 0's pattern with uniform attention over the visible keys: z must then be the
+    // running mean of v (per kv head), which checks that the replacement is what the rest of the
+    // block consumes.
+    let f = load("mistral");
+    let row = f.tokens.get(0).unwrap().unsqueeze(0).unwrap();
+    let pat = HookPoint::Block(0, BlockHook::Pattern);
+    let (z, v) = (
+        HookPoint::Block(0, BlockHook::Z),
+        HookPoint::Block(0, BlockHook::V),
+    );
+    let mut hooks = Hooks::new()
+        .with_hook(pat, |p, _| {
+            let (b, h, q, k) = p.dims4()?;
+            let mut u = vec![0f32; b * h * q * k];
+            for bh in 0..b * h {
+                for i in 0..q {
+                    for j in 0..=i {
+                        u[(bh * q + i) * k + j] = 1.0 / (i + 1) as f32;
+                    }
+                }
+            }
+            Ok(Some(Tensor::from_vec(u, (b, h, q, k), p.device())?))
+        })
+        .with_cache_points([z, v]);
+    f.model.run_with_hooks(&row, &mut hooks).unwrap();
+    let z = hooks.cache().get(z).unwrap().clone(); // [1, p, 4, 16]
+    let v = hooks.cache().get(v).unwrap().clone(); // [1, p, 2, 16]
+                                                   // Query heads 0, 1 share kv head 0; the mean of v over positions 0..=i.
+    let v0 = v
+        .narrow(2, 0, 1)
+        .unwrap()
+        .squeeze(2)
+        .unwrap()
+        .squeeze(0)
+        .unwrap(); // [p, 16]
+    let p = v0.dim(0).unwrap();
+    let mut means = Vec::new();
+    for i in 0..p {
+        means.push(v0.narrow(0, 0, i + 1).unwrap().mean_keepdim(0).unwrap());
+    }
+    let want = Tensor::cat(&means, 0).unwrap();
+    for head in [0, 1] {
+        let got = z
+            .narrow(2, head, 1)
+            .unwrap()
+            .squeeze(2)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        assert_close(
+            &format!("z head {head} under uniform attention"),
+            &got,
+            &want,
+            1e-5,
+            1e-5,
+        );
+    }
+}
