@@ -5,6 +5,21 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
+/// The data of a contiguous f32 CPU tensor.
+fn f32_contiguous<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: only f32 is supported");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous");
+    };
+    Ok(&data[start..end])
+}
+
 /// `silu(gate) * up` for a gated MLP whose gate and up projections were computed by one matmul:
 /// input `[n, 2m]` (gate columns first), output `[n, m]`. One pass over memory, parallel over
 /// rows, instead of three element-wise ops and two temporaries.
@@ -20,18 +35,12 @@ impl CustomOp1 for SwiGlu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("swiglu: only f32 is supported");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("swiglu: input must be contiguous");
-        };
+        let src = f32_contiguous(storage, layout, "swiglu")?;
         let (n, two_m) = layout.shape().dims2()?;
         if two_m % 2 != 0 {
             candle_core::bail!("swiglu: last dimension {two_m} is odd");
         }
         let m = two_m / 2;
-        let src = &data[start..end];
         let mut out = vec![0f32; n * m];
         out.par_chunks_mut(m)
             .zip(src.par_chunks(two_m))
@@ -182,18 +191,12 @@ impl CustomOp1 for CausalAttention<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("causal-attention: only f32 is supported");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("causal-attention: input must be contiguous");
-        };
+        let src = f32_contiguous(storage, layout, "causal-attention")?;
         let (b, p, heads, dh) = layout.shape().dims4()?;
         let (h, kvh) = (self.n_heads, self.n_kv_heads);
         if heads != h + 2 * kvh || self.real.len() != b || h % kvh != 0 {
             candle_core::bail!("causal-attention: inconsistent head counts");
         }
-        let src = &data[start..end];
         let row = heads * dh;
         let half = dh / 2;
         // Rotated (and, for q, pre-scaled) queries and keys, [b·p, heads, dh].

@@ -793,17 +793,21 @@ impl Model {
         let hp = |bh| HookPoint::Block(l, bh);
         let (b, p, _) = x.dims3()?;
         let x2 = x.reshape((b * p, d))?;
-        let internals_wanted = [
-            BlockHook::Q,
-            BlockHook::K,
-            BlockHook::V,
-            BlockHook::RotQ,
-            BlockHook::RotK,
-            BlockHook::AttnScores,
-            BlockHook::Pattern,
-        ]
-        .into_iter()
-        .any(|bh| hooks.wants(hp(bh)));
+        // Hooks on values that exist only inside the attention computation.
+        let internals_wanted = BlockHook::ALL
+            .into_iter()
+            .filter(|bh| bh.is_attention())
+            .filter(|bh| {
+                !matches!(
+                    bh,
+                    BlockHook::Ln1Scale
+                        | BlockHook::Ln1Normalized
+                        | BlockHook::Z
+                        | BlockHook::Result
+                        | BlockHook::AttnOut
+                )
+            })
+            .any(|bh| hooks.wants(hp(bh)));
         if let (Some(qkv), false, false, false, true) = (
             &a.qkv,
             ctx.grad,
