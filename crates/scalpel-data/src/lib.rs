@@ -4,6 +4,7 @@
 pub mod corpus;
 pub mod demo;
 pub mod error;
+pub mod harvest;
 pub mod packing;
 pub mod store;
 

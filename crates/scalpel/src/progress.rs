@@ -58,3 +58,44 @@ impl Write for LogWriter {
         io::stderr().flush()
     }
 }
+
+/// A progress bar over a known number of tokens, with rate and ETA, shown only when stderr is a
+/// terminal and info logs are on. It disappears when dropped.
+pub struct TokenBar(Option<ProgressBar>);
+
+impl TokenBar {
+    pub fn start(total: u64, done: u64, msg: String) -> TokenBar {
+        if !io::stderr().is_terminal() || !tracing::enabled!(tracing::Level::INFO) {
+            return TokenBar(None);
+        }
+        let pb = ProgressBar::new(total).with_message(msg);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{msg} {wide_bar} {human_pos}/{human_len} tokens ({per_sec}, ETA {eta})",
+        ) {
+            pb.set_style(style);
+        }
+        pb.set_position(done);
+        pb.reset_eta();
+        if let Ok(mut active) = ACTIVE.lock() {
+            *active = Some(pb.clone());
+        }
+        TokenBar(Some(pb))
+    }
+
+    pub fn inc(&self, n: u64) {
+        if let Some(pb) = &self.0 {
+            pb.inc(n);
+        }
+    }
+}
+
+impl Drop for TokenBar {
+    fn drop(&mut self) {
+        if let Some(pb) = self.0.take() {
+            if let Ok(mut active) = ACTIVE.lock() {
+                *active = None;
+            }
+            pb.finish_and_clear();
+        }
+    }
+}
