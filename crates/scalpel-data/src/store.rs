@@ -645,9 +645,10 @@ impl StoreReader {
         seed: u64,
         shuffle_buffer_shards: usize,
     ) -> Result<Batches> {
+        // Hashing is most of a shard's loading cost; one loader per core keeps the drawing
+        // thread fed (it only copies rows out).
         let n_loaders = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
-            .saturating_sub(1)
             .clamp(1, 4);
         self.batches_with_loaders(hook, batch_size, seed, shuffle_buffer_shards, n_loaders)
     }
@@ -704,7 +705,9 @@ impl StoreReader {
             d,
             batch_size,
             capacity_rows,
-            pool: Vec::with_capacity(capacity_rows.min(self.n_rows()) * d),
+            shards: Vec::new(),
+            left: Vec::new(),
+            pool: Vec::with_capacity(capacity_rows.min(self.n_rows())),
             rng,
             failed: false,
         })
@@ -744,6 +747,22 @@ fn read_verified(path: &Path, sha256: &str, buf: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
+/// Maps `path` read-only and checks its sha256: no copy through a read buffer.
+fn map_verified(path: &Path, sha256: &str) -> Result<memmap2::Mmap> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    // SAFETY: shards are written once (temp file + rename) and never modified in place; a
+    // concurrent writer would be caught by the checksum below.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
+    let found = sha256_hex(&map);
+    if found != sha256 {
+        return Err(store_err(
+            path,
+            format!("shard is corrupt: sha256 {found}, manifest says {sha256}"),
+        ));
+    }
+    Ok(map)
+}
+
 fn parse_shard<'a>(path: &Path, bytes: &'a [u8]) -> Result<SliceSafetensors<'a>> {
     SliceSafetensors::new(bytes)
         .map_err(|e| store_err(path, format!("not a safetensors file: {e}")))
@@ -772,13 +791,23 @@ fn append_rows(
     }
     let dtype = DType::try_from(view.dtype())
         .map_err(|e| store_err(path, format!("hook {hook:?}: {e}")))?;
-    if dtype == DType::F32 {
-        // Fast path: one copy from the file bytes (safetensors is little-endian).
-        out.extend(
-            view.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
+    if dtype == DType::F32 && cfg!(target_endian = "little") {
+        // Fast path: one memcpy from the file bytes (safetensors is little-endian, and so is
+        // this machine); the bytes need not be aligned.
+        let src = view.data();
+        let n = src.len() / 4;
+        let start = out.len();
+        out.reserve(n);
+        // SAFETY: `reserve` made room for `n` more f32s; every byte of them is written by the
+        // copy before `set_len`, and any bit pattern is a valid f32.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                out.as_mut_ptr().add(start).cast::<u8>(),
+                n * 4,
+            );
+            out.set_len(start + n);
+        }
     } else {
         let t = view.load(&Device::Cpu)?.to_dtype(DType::F32)?;
         out.extend(t.flatten_all()?.to_vec1::<f32>()?);
@@ -856,8 +885,14 @@ pub struct Batches {
     batch_size: usize,
     /// Rows the pool may hold before the next shard is taken (`shuffle_buffer_shards` full shards).
     capacity_rows: usize,
-    /// Rows not yet yielded, `[n_pool_rows, d]` row-major.
-    pool: Vec<f32>,
+    /// Received shards' rows, `[rows, d]` row-major; a shard's buffer is freed once all its
+    /// rows are drawn.
+    shards: Vec<Vec<f32>>,
+    /// Rows left to draw from each received shard.
+    left: Vec<usize>,
+    /// The pool: (shard, row) of every row not yet yielded. Rows are never copied into a pool,
+    /// only indexed.
+    pool: Vec<(u32, u32)>,
     rng: StdRng,
     failed: bool,
 }
@@ -871,9 +906,8 @@ struct ShardFile {
 
 /// Loads `files` in order into `tx` until done, an error (sent, then stop) or a dropped receiver.
 fn load_shards(files: Vec<ShardFile>, hook: String, d: usize, tx: SyncSender<Result<Vec<f32>>>) {
-    let mut bytes = Vec::new();
     for f in files {
-        let rows = read_verified(&f.path, &f.sha256, &mut bytes).and_then(|()| {
+        let rows = map_verified(&f.path, &f.sha256).and_then(|bytes| {
             let mut rows = Vec::with_capacity(f.rows * d);
             append_rows(&f.path, &bytes, &hook, [f.rows, d], &mut rows)?;
             Ok(rows)
@@ -889,7 +923,7 @@ impl Batches {
     /// Takes shards while they fit in the pool (or the pool cannot fill a batch).
     fn refill(&mut self) -> Result<()> {
         while let Some(&rows) = self.pending_rows.front() {
-            let pool_rows = self.pool.len() / self.d;
+            let pool_rows = self.pool.len();
             if pool_rows + rows > self.capacity_rows && pool_rows >= self.batch_size {
                 break;
             }
@@ -897,7 +931,11 @@ impl Batches {
             let shard = lane.recv().map_err(|_| {
                 DataError::Input("activation store: shard loader thread stopped".into())
             })??;
-            self.pool.extend_from_slice(&shard);
+            let k = self.shards.len() as u32;
+            let n = shard.len() / self.d;
+            self.pool.extend((0..n as u32).map(|r| (k, r)));
+            self.shards.push(shard);
+            self.left.push(n);
             self.pending_rows.pop_front();
             self.received += 1;
         }
@@ -917,18 +955,21 @@ impl Iterator for Batches {
             return Some(Err(e));
         }
         let d = self.d;
-        let n = self.batch_size.min(self.pool.len() / d);
+        let n = self.batch_size.min(self.pool.len());
         if n == 0 {
             return None;
         }
         let mut out = Vec::with_capacity(n * d);
         for _ in 0..n {
-            // Draw a uniform row, then fill its slot with the last row (swap-remove).
-            let rows = self.pool.len() / d;
-            let i = self.rng.gen_range(0..rows);
-            out.extend_from_slice(&self.pool[i * d..(i + 1) * d]);
-            self.pool.copy_within((rows - 1) * d..rows * d, i * d);
-            self.pool.truncate((rows - 1) * d);
+            // Draw a uniform row of the pool (swap-remove keeps the draw O(1)).
+            let i = self.rng.gen_range(0..self.pool.len());
+            let (k, r) = self.pool.swap_remove(i);
+            let (k, r) = (k as usize, r as usize);
+            out.extend_from_slice(&self.shards[k][r * d..(r + 1) * d]);
+            self.left[k] -= 1;
+            if self.left[k] == 0 {
+                self.shards[k] = Vec::new();
+            }
         }
         // [n, d]
         Some(Tensor::from_vec(out, (n, d), &Device::Cpu).map_err(DataError::from))

@@ -32,6 +32,10 @@ pub struct Args {
     /// Timed repetitions (the best and the median are reported).
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Also time a forward truncated before this block (the cost `harvest` pays for hooks up to
+    /// block `l - 1`).
+    #[arg(long)]
+    pub stop_at_layer: Option<usize>,
     /// Tokens to generate for the decode measurement.
     #[arg(long, default_value_t = 32)]
     pub decode: usize,
@@ -118,6 +122,19 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         std::hint::black_box(cache);
         Ok(())
     })?;
+    let truncated = match args.stop_at_layer {
+        Some(l) => {
+            let opts = scalpel_models::transformer::RunOptions {
+                stop_at_layer: Some(l),
+                differentiable: false,
+            };
+            Some(time(args.reps, || {
+                m.forward_with(&tokens, None, &mut Hooks::new(), opts)?;
+                Ok(())
+            })?)
+        }
+        None => None,
+    };
     let prompt: Vec<u32> = tokens.get(0)?.narrow(0, 0, 16.min(args.seq))?.to_vec1()?;
     let gen_opts = GenerateOptions {
         max_new_tokens: args.decode,
@@ -158,6 +175,8 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         "forward_all_resid_tok_s_median": round(tok_s(resid.1), 1),
         "all_resid_overhead": round(resid.0 / fwd.0 - 1.0, 3),
         "decode_tok_s_best": round(args.decode as f64 / dec.0, 2),
+        "stop_at_layer": args.stop_at_layer,
+        "truncated_forward_tok_s_best": truncated.map(|t| round(tok_s(t.0), 1)),
         "sgemm_gflops": round(gemm, 1),
         "forward_gflops": round(tok_s(fwd.0) * flops_per_token / 1e9, 1),
         "forward_fraction_of_gemm": round(tok_s(fwd.0) * flops_per_token / 1e9 / gemm, 3),
@@ -259,6 +278,13 @@ fn human(r: &serde_json::Value) -> String {
         "forward_all_resid_tok_s_best",
     );
     row(&mut o, "decode tok/s", "decode_tok_s_best");
+    if !s["truncated_forward_tok_s_best"].is_null() {
+        let _ = writeln!(
+            o,
+            "forward stopped before block {}: {} tok/s",
+            s["stop_at_layer"], s["truncated_forward_tok_s_best"]
+        );
+    }
     row(&mut o, "sgemm GFLOP/s", "sgemm_gflops");
     let _ = writeln!(
         o,

@@ -12,6 +12,7 @@ mod output;
 mod progress;
 mod prompt;
 mod run;
+mod store;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -50,6 +51,8 @@ enum Command {
     Bench(bench::Args),
     /// Store activations of hook points over a corpus on disk (resumable).
     Harvest(harvest::Args),
+    /// Inspect, verify or time an activation store.
+    Store(store::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args, json),
         Command::Bench(args) => bench::run(args, json),
         Command::Harvest(args) => harvest::run(args, json),
+        Command::Store(args) => store::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
