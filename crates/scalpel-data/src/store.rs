@@ -99,6 +99,11 @@ pub struct StoreMeta {
     pub corpus_hash: String,
     /// Packing configuration, opaque to the store.
     pub packing: serde_json::Value,
+    /// Readers skip the rows whose token is one of these (SAELens's `exclude_special_tokens`:
+    /// BOS, EOS, padding... carry no features worth learning). Rows stay on disk, so the
+    /// store's layout does not depend on the text.
+    #[serde(default)]
+    pub exclude_token_ids: Vec<u32>,
 }
 
 /// A complete shard.
@@ -678,6 +683,8 @@ impl StoreReader {
                 path: self.dir.join(SHARDS).join(&self.manifest.shards[i].file),
                 sha256: self.manifest.shards[i].sha256.clone(),
                 rows: self.manifest.shards[i].n_contexts * meta.context_size,
+                context_size: meta.context_size,
+                exclude: meta.exclude_token_ids.clone(),
             })
             .collect();
         let pending_rows = files.iter().map(|f| f.rows).collect();
@@ -745,6 +752,25 @@ fn read_verified(path: &Path, sha256: &str, buf: &mut Vec<u8>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The token ids of a shard file, flattened, checked to be u32 of shape `want`.
+fn shard_tokens(path: &Path, bytes: &[u8], want: [usize; 2]) -> Result<Vec<u32>> {
+    let st = parse_shard(path, bytes)?;
+    let t = st
+        .load(TOKENS, &Device::Cpu)
+        .map_err(|e| store_err(path, format!("tensor {TOKENS:?}: {e}")))?;
+    if t.dims() != want || t.dtype() != DType::U32 {
+        return Err(store_err(
+            path,
+            format!(
+                "tensor {TOKENS:?} is {:?} {:?}, expected u32 {want:?}",
+                t.dtype(),
+                t.dims()
+            ),
+        ));
+    }
+    Ok(t.flatten_all()?.to_vec1::<u32>()?)
 }
 
 /// Maps `path` read-only and checks its sha256: no copy through a read buffer.
@@ -840,22 +866,9 @@ impl Shard {
 
     /// Token ids, `[n_contexts, context_size]` u32.
     pub fn tokens(&self) -> Result<Tensor> {
-        let st = parse_shard(&self.path, &self.bytes)?;
-        let t = st
-            .load(TOKENS, &Device::Cpu)
-            .map_err(|e| store_err(&self.path, format!("tensor {TOKENS:?}: {e}")))?;
         let want = [self.n_contexts, self.context_size];
-        if t.dims() != want || t.dtype() != DType::U32 {
-            return Err(store_err(
-                &self.path,
-                format!(
-                    "tensor {TOKENS:?} is {:?} {:?}, expected u32 {want:?}",
-                    t.dtype(),
-                    t.dims()
-                ),
-            ));
-        }
-        Ok(t)
+        let ids = shard_tokens(&self.path, &self.bytes, want)?;
+        Ok(Tensor::from_vec(ids, (want[0], want[1]), &Device::Cpu)?)
     }
 
     /// Activations of `hook`, `[n_contexts * context_size, d]` f32.
@@ -902,6 +915,9 @@ struct ShardFile {
     path: PathBuf,
     sha256: String,
     rows: usize,
+    context_size: usize,
+    /// Rows holding these tokens are dropped.
+    exclude: Vec<u32>,
 }
 
 /// Loads `files` in order into `tx` until done, an error (sent, then stop) or a dropped receiver.
@@ -910,6 +926,18 @@ fn load_shards(files: Vec<ShardFile>, hook: String, d: usize, tx: SyncSender<Res
         let rows = map_verified(&f.path, &f.sha256).and_then(|bytes| {
             let mut rows = Vec::with_capacity(f.rows * d);
             append_rows(&f.path, &bytes, &hook, [f.rows, d], &mut rows)?;
+            if !f.exclude.is_empty() {
+                let tokens =
+                    shard_tokens(&f.path, &bytes, [f.rows / f.context_size, f.context_size])?;
+                let mut kept = 0;
+                for (r, t) in tokens.iter().enumerate() {
+                    if !f.exclude.contains(t) {
+                        rows.copy_within(r * d..(r + 1) * d, kept * d);
+                        kept += 1;
+                    }
+                }
+                rows.truncate(kept * d);
+            }
             Ok(rows)
         });
         let failed = rows.is_err();

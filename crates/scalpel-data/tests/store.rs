@@ -36,6 +36,7 @@ fn meta(dtype: StoreDType) -> StoreMeta {
         // serde_json's default parser reads these floats back one bit off: resume must still
         // see the same meta.
         packing: serde_json::json!({"bos": true, "n_ctx": CTX, "x": 0.18707229895275582, "y": 1.9666553791728614}),
+        exclude_token_ids: Vec::new(),
     }
 }
 
@@ -483,4 +484,43 @@ fn shuffled_read_throughput() {
             gb / secs
         );
     }
+}
+
+#[test]
+fn excluded_tokens_are_skipped_by_readers() {
+    // SAELens's exclude_special_tokens: rows whose token is listed never reach a batch.
+    let dir = tempfile::tempdir().unwrap();
+    let meta = StoreMeta {
+        hooks: vec![HookMeta {
+            name: RESID.into(),
+            d: 2,
+        }],
+        exclude_token_ids: vec![token(0, 0), token(1, 0), token(2, 3)],
+        ..meta(StoreDType::F32)
+    };
+    let mut w = StoreWriter::create_or_resume(dir.path(), meta).unwrap();
+    for c in 0..4 {
+        let tokens: Vec<u32> = (0..CTX).map(|p| token(c, p)).collect();
+        // Each row holds its own token id, so the survivors can be named.
+        let rows: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| [t as f32, -(t as f32)])
+            .collect();
+        let t = Tensor::from_vec(rows, (CTX, 2), &Device::Cpu).unwrap();
+        w.push(&tokens, &[(RESID, t)]).unwrap();
+    }
+    w.finish().unwrap();
+    let r = StoreReader::open(dir.path()).unwrap();
+    let mut seen: Vec<u32> = r
+        .batches(RESID, 5, 1, 2)
+        .unwrap()
+        .flat_map(|b| b.unwrap().to_vec2::<f32>().unwrap())
+        .map(|row| row[0] as u32)
+        .collect();
+    seen.sort();
+    let mut want: Vec<u32> = (0..4)
+        .flat_map(|c| (0..CTX).map(move |p| token(c, p)))
+        .collect();
+    want.retain(|t| ![token(0, 0), token(1, 0), token(2, 3)].contains(t));
+    assert_eq!(seen, want);
 }

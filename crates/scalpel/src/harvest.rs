@@ -49,7 +49,8 @@ pub struct Args {
     /// Never mix documents in one context.
     #[arg(long)]
     pub disable_concat: bool,
-    /// Record that positions holding special tokens are to be skipped by readers.
+    /// Positions holding special tokens (BOS, EOS, chat markers) are skipped by readers of the
+    /// store (SAELens's `exclude_special_tokens`).
     #[arg(long)]
     pub exclude_special_tokens: bool,
     /// Contexts per forward pass.
@@ -160,6 +161,11 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         corpus: args.data.clone(),
         corpus_hash: corpus::corpus_hash(&path)?,
         packing: serde_json::to_value(&packing)?,
+        exclude_token_ids: if args.exclude_special_tokens {
+            scalpel_data::packing::special_ids(tokenizer)
+        } else {
+            Vec::new()
+        },
     };
     let mut writer = StoreWriter::create_or_resume(&args.out, meta)?;
     let skip = writer.contexts_done();
