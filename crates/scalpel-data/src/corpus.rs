@@ -374,3 +374,33 @@ impl Iterator for ParquetDocs {
         }
     }
 }
+
+/// The local file or folder a corpus spec names:
+/// - `demo` / `demo:heldout`: the built-in demo corpus (built on first use, see [`crate::demo`]);
+/// - `hf-dataset:org/name[@revision][:prefix]`: the `.parquet`/`.jsonl` files of a Hugging Face
+///   dataset repository (under `prefix`, e.g. `data/`), fetched into the Hugging Face cache
+///   (`HF_HOME`; `HF_HUB_OFFLINE=1` reads the cache only);
+/// - anything else: a path to a file or folder for [`open`].
+pub fn resolve(spec: &str) -> Result<PathBuf> {
+    match spec {
+        "demo" => return Ok(crate::demo::ensure_demo_corpus()?.join("train.jsonl")),
+        "demo:heldout" => return Ok(crate::demo::ensure_demo_corpus()?.join("heldout.jsonl")),
+        _ => {}
+    }
+    let Some(rest) = spec.strip_prefix("hf-dataset:") else {
+        return Ok(PathBuf::from(spec));
+    };
+    let (repo, prefix) = match rest.split_once(':') {
+        Some((repo, prefix)) => (repo, prefix),
+        None => (rest, ""),
+    };
+    let (id, revision) = scalpel_models::hub::parse_hub_id(repo).map_err(|why| {
+        DataError::Input(format!(
+            "`{spec}`: {why} (expected hf-dataset:org/name[@revision][:prefix])"
+        ))
+    })?;
+    if prefix.contains("..") || prefix.starts_with('/') {
+        return Err(DataError::Input(format!("`{spec}`: bad prefix `{prefix}`")));
+    }
+    Ok(scalpel_models::hub::dataset_snapshot(id, revision, prefix)?)
+}

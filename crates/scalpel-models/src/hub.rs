@@ -89,36 +89,40 @@ impl ModelSpec {
         let Some(rest) = spec.strip_prefix("hf:") else {
             return Ok(ModelSpec::Path(PathBuf::from(spec)));
         };
-        let bad = |why: &str| ModelError::Input(format!("`{spec}`: {why}; {ACCEPTED}"));
-        let (id, revision) = match rest.split_once('@') {
-            Some((id, rev)) => (id, rev),
-            None => (rest, "main"),
-        };
-        let parts: Vec<&str> = id.split('/').collect();
-        let part_ok = |p: &str| {
-            !p.is_empty()
-                && !p.contains("..")
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        };
-        if parts.len() != 2 || !parts.iter().all(|p| part_ok(p)) {
-            return Err(bad(
-                "a Hugging Face id is `org/name` (letters, digits, `-`, `_`, `.`)",
-            ));
-        }
-        // The revision names a file under `refs/` in the cache: keep it inside.
-        if revision.is_empty()
-            || revision.contains("..")
-            || revision.starts_with('/')
-            || revision.chars().any(char::is_whitespace)
-        {
-            return Err(bad("the revision after `@` is empty or malformed"));
-        }
+        let (id, revision) = parse_hub_id(rest)
+            .map_err(|why| ModelError::Input(format!("`{spec}`: {why}; {ACCEPTED}")))?;
         Ok(ModelSpec::Hub {
             id: id.to_string(),
             revision: revision.to_string(),
         })
     }
+}
+
+/// Splits and checks `org/name[@revision]` (revision `main` when absent); the error says why.
+pub fn parse_hub_id(rest: &str) -> std::result::Result<(&str, &str), &'static str> {
+    let (id, revision) = match rest.split_once('@') {
+        Some((id, rev)) => (id, rev),
+        None => (rest, "main"),
+    };
+    let parts: Vec<&str> = id.split('/').collect();
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && !p.contains("..")
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if parts.len() != 2 || !parts.iter().all(|p| part_ok(p)) {
+        return Err("a Hugging Face id is `org/name` (letters, digits, `-`, `_`, `.`)");
+    }
+    // The revision names a file under `refs/` in the cache: keep it inside.
+    if revision.is_empty()
+        || revision.contains("..")
+        || revision.starts_with('/')
+        || revision.chars().any(char::is_whitespace)
+    {
+        return Err("the revision after `@` is empty or malformed");
+    }
+    Ok((id, revision))
 }
 
 /// Resolves a model spec into local files, downloading them if needed (see the module docs).
@@ -331,6 +335,72 @@ fn hf_offline() -> bool {
         let v = v.trim().to_ascii_lowercase();
         matches!(v.as_str(), "1" | "true" | "yes" | "on")
     })
+}
+
+/// The local snapshot directory of a dataset repository holding its `.parquet` and `.jsonl`
+/// files under `prefix` (e.g. `data/` or a config name), downloaded into the Hugging Face cache
+/// first unless `HF_HUB_OFFLINE` is set. Returns the directory to read (`snapshot/prefix`).
+pub fn dataset_snapshot(id: &str, revision: &str, prefix: &str) -> Result<PathBuf> {
+    let what = format!("hf-dataset:{id}@{revision}");
+    let repo = Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string());
+    let wanted =
+        |f: &str| f.starts_with(prefix) && (f.ends_with(".parquet") || f.ends_with(".jsonl"));
+    let snapshot = if hf_offline() {
+        let cache = Cache::from_env();
+        let root = cache.path().join(repo.folder_name());
+        let commit = std::fs::read_to_string(root.join("refs").join(revision))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| revision.to_string());
+        let dir = root.join("snapshots").join(commit);
+        if !dir.is_dir() {
+            return Err(ModelError::Input(format!(
+                "{what}: not in the local Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
+                cache.path().display()
+            )));
+        }
+        dir
+    } else {
+        let api = ApiBuilder::from_env()
+            .build()
+            .map_err(|e| ModelError::Download {
+                what: what.clone(),
+                msg: e.to_string(),
+            })?;
+        let api = api.repo(repo);
+        let info = api.info().map_err(|e| ModelError::Download {
+            what: what.clone(),
+            msg: e.to_string(),
+        })?;
+        let files: Vec<String> = info
+            .siblings
+            .into_iter()
+            .map(|s| s.rfilename)
+            .filter(|f| wanted(f))
+            .collect();
+        let mut snapshot = None;
+        for f in &files {
+            let path = api.get(f).map_err(|e| ModelError::Download {
+                what: format!("{what} {f}"),
+                msg: e.to_string(),
+            })?;
+            // `snapshots/<commit>/<f>`: strip the file's own components.
+            let depth = Path::new(f).components().count();
+            snapshot = path.ancestors().nth(depth).map(Path::to_path_buf);
+        }
+        snapshot.ok_or_else(|| {
+            ModelError::Input(format!(
+                "{what}: no .parquet or .jsonl files under `{prefix}`"
+            ))
+        })?
+    };
+    let dir = snapshot.join(prefix);
+    if !dir.exists() {
+        return Err(ModelError::Input(format!(
+            "{what}: `{prefix}` does not exist in the snapshot {}",
+            snapshot.display()
+        )));
+    }
+    Ok(dir)
 }
 
 /// Fetches (or, offline, finds) a checkpoint and returns its snapshot directory.

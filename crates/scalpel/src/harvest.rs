@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use scalpel_core::HookPoint;
 use scalpel_data::packing::{Packer, PackingConfig, Separator};
 use scalpel_data::store::{HookMeta, StoreDType, StoreMeta, StoreWriter};
-use scalpel_data::{corpus, demo, harvest};
+use scalpel_data::{corpus, harvest};
 use scalpel_models::loader::LoadedModel;
 use sha2::{Digest, Sha256};
 
@@ -22,7 +22,8 @@ pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Corpus: a .txt/.jsonl/.parquet file, a directory of them, `demo` (the built-in demo
-    /// corpus, fetched once) or `demo:heldout` (its held-out split).
+    /// corpus, fetched once), `demo:heldout` (its held-out split) or
+    /// `hf-dataset:org/name[@revision][:prefix]` (a Hugging Face dataset's parquet/jsonl files).
     #[arg(long)]
     pub data: String,
     /// Comma-separated hook points (TransformerLens names or shorthand), e.g. `resid_post.6`.
@@ -86,15 +87,6 @@ fn dtype(s: &str) -> Result<StoreDType> {
     })
 }
 
-/// The corpus file or folder a `--data` value names.
-fn corpus_path(data: &str) -> Result<PathBuf> {
-    Ok(match data {
-        "demo" => demo::ensure_demo_corpus()?.join("train.jsonl"),
-        "demo:heldout" => demo::ensure_demo_corpus()?.join("heldout.jsonl"),
-        path => PathBuf::from(path),
-    })
-}
-
 /// Identifies the weights: the config, the stored tensor list and a sample of the embedding.
 pub fn model_fingerprint(lm: &LoadedModel) -> Result<String> {
     let mut h = Sha256::new();
@@ -148,7 +140,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         disable_concat_sequences: args.disable_concat,
         exclude_special_tokens: args.exclude_special_tokens,
     };
-    let path = corpus_path(&args.data)?;
+    let path = corpus::resolve(&args.data)?;
     let n_contexts = args.tokens.div_ceil(args.context_size as u64) as usize;
     let meta = StoreMeta {
         model: args.model.model.clone(),
