@@ -76,7 +76,7 @@ def load_hf(gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d, name = os.path.split(gguf)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
     model.eval()
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     return model, tok

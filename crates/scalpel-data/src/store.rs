@@ -104,6 +104,64 @@ pub struct StoreMeta {
     /// store's layout does not depend on the text.
     #[serde(default)]
     pub exclude_token_ids: Vec<u32>,
+    /// Readers keep only these positions of each context (SAELens's `seqpos_slice`, Python
+    /// slice semantics); `None` keeps all.
+    #[serde(default)]
+    pub seqpos_slice: Option<SeqPosSlice>,
+}
+
+/// A Python-style slice `start:end:step` over the positions of a context (negative indices
+/// count from the end), as SAELens's `seqpos_slice`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SeqPosSlice {
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+    pub step: Option<i64>,
+}
+
+impl SeqPosSlice {
+    /// Parses `start:end[:step]` (each part may be empty), e.g. `1:`, `:-1`, `::2`.
+    pub fn parse(s: &str) -> Result<SeqPosSlice> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let bad = || DataError::Input(format!("seqpos slice `{s}`: expected start:end[:step]"));
+        if !(2..=3).contains(&parts.len()) {
+            return Err(bad());
+        }
+        let num = |p: &str| -> Result<Option<i64>> {
+            if p.trim().is_empty() {
+                Ok(None)
+            } else {
+                p.trim().parse().map(Some).map_err(|_| bad())
+            }
+        };
+        let slice = SeqPosSlice {
+            start: num(parts[0])?,
+            end: num(parts[1])?,
+            step: match parts.get(2) {
+                Some(p) => num(p)?,
+                None => None,
+            },
+        };
+        if matches!(slice.step, Some(k) if k <= 0) {
+            return Err(DataError::Input(format!(
+                "seqpos slice `{s}`: step must be positive"
+            )));
+        }
+        Ok(slice)
+    }
+
+    /// Which of `n` positions the slice keeps.
+    pub fn mask(&self, n: usize) -> Vec<bool> {
+        let n = n as i64;
+        let clamp = |i: i64| if i < 0 { (n + i).max(0) } else { i.min(n) };
+        let start = self.start.map_or(0, clamp);
+        let end = self.end.map_or(n, clamp);
+        let step = self.step.unwrap_or(1).max(1);
+        (0..n)
+            .map(|i| i >= start && i < end && (i - start) % step == 0)
+            .collect()
+    }
 }
 
 /// A complete shard.
@@ -685,6 +743,7 @@ impl StoreReader {
                 rows: self.manifest.shards[i].n_contexts * meta.context_size,
                 context_size: meta.context_size,
                 exclude: meta.exclude_token_ids.clone(),
+                positions: meta.seqpos_slice.map(|s| s.mask(meta.context_size)),
             })
             .collect();
         let pending_rows = files.iter().map(|f| f.rows).collect();
@@ -918,6 +977,8 @@ struct ShardFile {
     context_size: usize,
     /// Rows holding these tokens are dropped.
     exclude: Vec<u32>,
+    /// Positions kept within each context (all when `None`).
+    positions: Option<Vec<bool>>,
 }
 
 /// Loads `files` in order into `tx` until done, an error (sent, then stop) or a dropped receiver.
@@ -926,12 +987,16 @@ fn load_shards(files: Vec<ShardFile>, hook: String, d: usize, tx: SyncSender<Res
         let rows = map_verified(&f.path, &f.sha256).and_then(|bytes| {
             let mut rows = Vec::with_capacity(f.rows * d);
             append_rows(&f.path, &bytes, &hook, [f.rows, d], &mut rows)?;
-            if !f.exclude.is_empty() {
+            if !f.exclude.is_empty() || f.positions.is_some() {
                 let tokens =
                     shard_tokens(&f.path, &bytes, [f.rows / f.context_size, f.context_size])?;
                 let mut kept = 0;
                 for (r, t) in tokens.iter().enumerate() {
-                    if !f.exclude.contains(t) {
+                    let position_kept = f
+                        .positions
+                        .as_ref()
+                        .is_none_or(|keep| keep[r % f.context_size]);
+                    if position_kept && !f.exclude.contains(t) {
                         rows.copy_within(r * d..(r + 1) * d, kept * d);
                         kept += 1;
                     }

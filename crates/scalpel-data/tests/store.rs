@@ -37,6 +37,7 @@ fn meta(dtype: StoreDType) -> StoreMeta {
         // see the same meta.
         packing: serde_json::json!({"bos": true, "n_ctx": CTX, "x": 0.18707229895275582, "y": 1.9666553791728614}),
         exclude_token_ids: Vec::new(),
+        seqpos_slice: None,
     }
 }
 
@@ -522,5 +523,53 @@ fn excluded_tokens_are_skipped_by_readers() {
         .flat_map(|c| (0..CTX).map(move |p| token(c, p)))
         .collect();
     want.retain(|t| ![token(0, 0), token(1, 0), token(2, 3)].contains(t));
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn seqpos_slices_follow_python_semantics_and_filter_reads() {
+    use scalpel_data::store::SeqPosSlice;
+    let m = |s: &str| SeqPosSlice::parse(s).unwrap().mask(5);
+    assert_eq!(m("1:"), [false, true, true, true, true]);
+    assert_eq!(m(":-1"), [true, true, true, true, false]);
+    assert_eq!(m("::2"), [true, false, true, false, true]);
+    assert_eq!(m("-2:"), [false, false, false, true, true]);
+    assert_eq!(m("3:1"), [false; 5]);
+    assert!(SeqPosSlice::parse("1").is_err());
+    assert!(SeqPosSlice::parse("::0").is_err());
+    assert!(SeqPosSlice::parse("a:b").is_err());
+
+    let dir = tempfile::tempdir().unwrap();
+    let meta = StoreMeta {
+        hooks: vec![HookMeta {
+            name: RESID.into(),
+            d: 1,
+        }],
+        seqpos_slice: Some(SeqPosSlice::parse("1::2").unwrap()),
+        ..meta(StoreDType::F32)
+    };
+    let mut w = StoreWriter::create_or_resume(dir.path(), meta).unwrap();
+    for c in 0..3 {
+        let tokens: Vec<u32> = (0..CTX).map(|p| token(c, p)).collect();
+        let rows: Vec<f32> = tokens.iter().map(|&t| t as f32).collect();
+        w.push(
+            &tokens,
+            &[(
+                RESID,
+                Tensor::from_vec(rows, (CTX, 1), &Device::Cpu).unwrap(),
+            )],
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+    let mut seen: Vec<u32> = StoreReader::open(dir.path())
+        .unwrap()
+        .batches(RESID, 4, 0, 1)
+        .unwrap()
+        .flat_map(|b| b.unwrap().to_vec2::<f32>().unwrap())
+        .map(|row| row[0] as u32)
+        .collect();
+    seen.sort();
+    let want: Vec<u32> = (0..3).flat_map(|c| [token(c, 1), token(c, 3)]).collect();
     assert_eq!(seen, want);
 }

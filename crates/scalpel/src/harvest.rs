@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use scalpel_core::HookPoint;
 use scalpel_data::packing::{Packer, PackingConfig, Separator};
-use scalpel_data::store::{HookMeta, StoreDType, StoreMeta, StoreWriter};
+use scalpel_data::store::{HookMeta, SeqPosSlice, StoreDType, StoreMeta, StoreWriter};
 use scalpel_data::{corpus, harvest};
 use scalpel_models::loader::LoadedModel;
 use sha2::{Digest, Sha256};
@@ -54,6 +54,10 @@ pub struct Args {
     /// store (SAELens's `exclude_special_tokens`).
     #[arg(long)]
     pub exclude_special_tokens: bool,
+    /// Positions of each context that readers keep, as a Python slice `start:end[:step]`
+    /// (SAELens's `seqpos_slice`), e.g. `1:` to skip the BOS position.
+    #[arg(long)]
+    pub seqpos_slice: Option<String>,
     /// Contexts per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -153,6 +157,11 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         corpus: args.data.clone(),
         corpus_hash: corpus::corpus_hash(&path)?,
         packing: serde_json::to_value(&packing)?,
+        seqpos_slice: args
+            .seqpos_slice
+            .as_deref()
+            .map(SeqPosSlice::parse)
+            .transpose()?,
         exclude_token_ids: if args.exclude_special_tokens {
             scalpel_data::packing::special_ids(tokenizer)
         } else {
