@@ -212,14 +212,18 @@ impl Tokenizer {
         for id in [bos_id, eos_id, unk_id, pad_id].into_iter().flatten() {
             special.push(AddedToken::from(tokens[id as usize], true));
         }
-        inner.add_special_tokens(&special);
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| ModelError::Tokenizer(format!("special tokens: {e}")))?;
         let user: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
             .filter(|(_, &t)| t == 4)
             .map(|(&token, _)| AddedToken::from(token, false).normalized(false))
             .collect();
-        inner.add_tokens(&user);
+        inner
+            .add_tokens(user)
+            .map_err(|e| ModelError::Tokenizer(format!("user-defined tokens: {e}")))?;
 
         let add_bos = meta
             .bool("tokenizer.ggml.add_bos_token")?
