@@ -1,0 +1,19 @@
+//! Sparse dictionaries over model activations: sparse autoencoders and transcoders in the
+//! SAELens file format (<https://github.com/jbloomAus/SAELens>), their inference (`encode`,
+//! `decode`, `forward`) and splicing into a forward pass through scalpel's hooks.
+//!
+//! - [`DictConfig`]: the SAELens `cfg.json` (6.x, and pre-6 flat configs on reading).
+//! - [`Sae`]: the weights in SAELens orientation (`encode` is `x @ W_enc`) and inference.
+//! - [`saelens`]: reading and writing a SAELens directory.
+//! - [`splice`]: replace an activation with the dictionary's reconstruction.
+
+mod config;
+mod error;
+mod sae;
+pub mod saelens;
+mod splice;
+
+pub use config::{Architecture, DictConfig, Metadata, NormalizeActivations, FORMAT_VERSION};
+pub use error::{DictError, Result};
+pub use sae::{InputNorm, Sae};
+pub use splice::{splice, splice_at};
