@@ -330,6 +330,17 @@ impl HubSource {
     }
 }
 
+/// A hub client for `repo` (honouring `HF_HOME` and `HF_TOKEN`); `what` names it in errors.
+fn online_repo(what: &str, repo: Repo) -> Result<ApiRepo> {
+    let api = ApiBuilder::from_env()
+        .build()
+        .map_err(|e| ModelError::Download {
+            what: what.to_string(),
+            msg: e.to_string(),
+        })?;
+    Ok(api.repo(repo))
+}
+
 fn hf_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
         let v = v.trim().to_ascii_lowercase();
@@ -360,13 +371,7 @@ pub fn dataset_snapshot(id: &str, revision: &str, prefix: &str) -> Result<PathBu
         }
         dir
     } else {
-        let api = ApiBuilder::from_env()
-            .build()
-            .map_err(|e| ModelError::Download {
-                what: what.clone(),
-                msg: e.to_string(),
-            })?;
-        let api = api.repo(repo);
+        let api = online_repo(&what, repo)?;
         let info = api.info().map_err(|e| ModelError::Download {
             what: what.clone(),
             msg: e.to_string(),
@@ -419,13 +424,7 @@ fn hub_snapshot(id: &str, revision: &str) -> Result<PathBuf> {
             by_commit,
         }
     } else {
-        let api = ApiBuilder::from_env()
-            .build()
-            .map_err(|e| ModelError::Download {
-                what: what.clone(),
-                msg: e.to_string(),
-            })?;
-        HubSource::Online(api.repo(repo))
+        HubSource::Online(online_repo(&what, repo)?)
     };
 
     let config = source.require(&what, "config.json")?;
