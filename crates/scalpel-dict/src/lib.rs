@@ -5,13 +5,17 @@
 //! - [`DictConfig`]: the SAELens `cfg.json` (6.x, and pre-6 flat configs on reading).
 //! - [`Sae`]: the weights in SAELens orientation (`encode` is `x @ W_enc`) and inference.
 //! - [`saelens`]: reading and writing a SAELens directory.
+//! - [`import`]: sparsify, Gemma Scope and circuit-tracer dictionaries, converted.
 //! - [`splice`]: replace an activation with the dictionary's reconstruction.
 
 mod config;
 mod error;
+pub mod import;
 mod sae;
 pub mod saelens;
 mod splice;
+pub mod synthetic;
+pub mod train;
 
 pub use config::{Architecture, DictConfig, Metadata, NormalizeActivations, FORMAT_VERSION};
 pub use error::{DictError, Result};
