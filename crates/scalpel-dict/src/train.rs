@@ -209,66 +209,82 @@ impl TopKTrainer {
         let k_aux = self.train.k_aux.min(n_dead);
         let scale = 2.0 / n as f32;
         let aux_scale = self.train.aux_coef * scale;
-        // Tokens go through the encoder in tiles so each W_enc row is read from memory once per
-        // tile, not once per token (W_enc is larger than the cache at real widths).
-        const TILE: usize = 16;
-        let tiles: Vec<Vec<TokenPass>> = x
-            .par_chunks(d * TILE)
-            .map(|tile| {
-                let m = tile.len() / d;
-                // xc = x − b_dec   [m, d]
-                let xc: Vec<f32> = tile
-                    .chunks_exact(d)
-                    .flat_map(|x| x.iter().zip(&self.b_dec).map(|(a, b)| a - b))
-                    .collect();
-                // pre = xc W_enc + b_enc   [m, d_sae]
-                let mut pre = vec![0f32; m * d_sae];
-                encode_tile(&self.w_enc_t, &self.b_enc, &xc, d, &mut pre);
-                tile.chunks_exact(d)
-                    .zip(pre.chunks_exact(d_sae))
-                    .map(|(x, pre)| {
-                        let (idx, val) = top_k(pre, k, |_| true);
-                        // x̂ = Σ_j f_j W_dec[j] + b_dec; dL/dx̂ = 2 (x̂ − x) / n
-                        let mut xhat = self.b_dec.clone();
-                        for (&j, &f) in idx.iter().zip(&val) {
-                            axpy(f, self.row(&self.w_dec, j as usize), &mut xhat);
-                        }
-                        let mut sq_err = 0f64;
-                        let mut dx = vec![0f32; d];
-                        for ((g, xh), xe) in dx.iter_mut().zip(&xhat).zip(x) {
-                            let r = xh - xe;
-                            sq_err += (r as f64) * (r as f64);
-                            *g = scale * r;
-                        }
-                        // AuxK: the top k_aux dead latents reconstruct e = x − x̂ (detached).
-                        let (aux_idx, aux_val, daux, aux_sq_err) = if k_aux > 0 {
-                            let (ai, av) = top_k(pre, k_aux, |j| dead[j]);
-                            // ê − e = Σ a_j W_dec[j] + (x̂ − x)
-                            let mut r: Vec<f32> = xhat.iter().zip(x).map(|(a, b)| a - b).collect();
-                            for (&j, &a) in ai.iter().zip(&av) {
-                                axpy(a, self.row(&self.w_dec, j as usize), &mut r);
-                            }
-                            let s = r.iter().map(|&v| (v as f64) * (v as f64)).sum();
-                            r.iter_mut().for_each(|v| *v *= aux_scale);
-                            (ai, av, r, s)
-                        } else {
-                            (Vec::new(), Vec::new(), Vec::new(), 0.0)
-                        };
-                        TokenPass {
-                            idx,
-                            val,
-                            dx,
-                            aux_idx,
-                            aux_val,
-                            daux,
-                            sq_err,
-                            aux_sq_err,
-                        }
-                    })
-                    .collect()
-            })
+        // The encoder is the one dense product (every latent's pre-activation is needed to pick
+        // the top k): one GEMM over the whole batch. Everything after it touches k latents.
+        // xc = x − b_dec   [n, d]
+        let xc: Vec<f32> = x
+            .chunks_exact(d)
+            .flat_map(|x| x.iter().zip(&self.b_dec).map(|(a, b)| a - b))
             .collect();
-        tiles.into_iter().flatten().collect()
+        // pre = xc W_enc + b_enc   [n, d_sae], W_enc read from its transpose w_enc_t [d_sae, d]
+        let mut pre_all: Vec<f32> = self.b_enc.repeat(n);
+        // SAFETY: the pointers cover pre_all [n, d_sae], xc [n, d] and w_enc_t [d_sae, d] with the
+        // given row-major strides; `read_dst` adds the b_enc rows already in pre_all.
+        unsafe {
+            gemm::gemm(
+                n,
+                d_sae,
+                d,
+                pre_all.as_mut_ptr(),
+                1,
+                d_sae as isize,
+                true,
+                xc.as_ptr(),
+                1,
+                d as isize,
+                self.w_enc_t.as_ptr(),
+                d as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        x.par_chunks(d)
+            .zip(pre_all.par_chunks(d_sae))
+            .map(|(x, pre)| {
+                let (idx, val) = top_k(pre, k, |_| true);
+                // x̂ = Σ_j f_j W_dec[j] + b_dec; dL/dx̂ = 2 (x̂ − x) / n
+                let mut xhat = self.b_dec.clone();
+                for (&j, &f) in idx.iter().zip(&val) {
+                    axpy(f, self.row(&self.w_dec, j as usize), &mut xhat);
+                }
+                let mut sq_err = 0f64;
+                let mut dx = vec![0f32; d];
+                for ((g, xh), xe) in dx.iter_mut().zip(&xhat).zip(x) {
+                    let r = xh - xe;
+                    sq_err += (r as f64) * (r as f64);
+                    *g = scale * r;
+                }
+                // AuxK: the top k_aux dead latents reconstruct e = x − x̂ (detached).
+                let (aux_idx, aux_val, daux, aux_sq_err) = if k_aux > 0 {
+                    let (ai, av) = top_k(pre, k_aux, |j| dead[j]);
+                    // ê − e = Σ a_j W_dec[j] + (x̂ − x)
+                    let mut r: Vec<f32> = xhat.iter().zip(x).map(|(a, b)| a - b).collect();
+                    for (&j, &a) in ai.iter().zip(&av) {
+                        axpy(a, self.row(&self.w_dec, j as usize), &mut r);
+                    }
+                    let s = r.iter().map(|&v| (v as f64) * (v as f64)).sum();
+                    r.iter_mut().for_each(|v| *v *= aux_scale);
+                    (ai, av, r, s)
+                } else {
+                    (Vec::new(), Vec::new(), Vec::new(), 0.0)
+                };
+                TokenPass {
+                    idx,
+                    val,
+                    dx,
+                    aux_idx,
+                    aux_val,
+                    daux,
+                    sq_err,
+                    aux_sq_err,
+                }
+            })
+            .collect()
     }
 
     fn row<'a>(&self, w: &'a [f32], j: usize) -> &'a [f32] {
@@ -537,77 +553,6 @@ fn dot_lanes<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// `pre [m, d_sae] = xc [m, d] W_enc + b_enc` from `w_enc_t [d_sae, d]`, with the same run-time
-/// dispatch as [`dot`].
-fn encode_tile(w_enc_t: &[f32], b_enc: &[f32], xc: &[f32], d: usize, pre: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features `encode_tile_fma` is compiled for.
-        return unsafe { encode_tile_fma(w_enc_t, b_enc, xc, d, pre) };
-    }
-    encode_tile_lanes::<false>(w_enc_t, b_enc, xc, d, pre)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn encode_tile_fma(w_enc_t: &[f32], b_enc: &[f32], xc: &[f32], d: usize, pre: &mut [f32]) {
-    encode_tile_lanes::<true>(w_enc_t, b_enc, xc, d, pre)
-}
-
-#[inline(always)]
-fn encode_tile_lanes<const FMA: bool>(
-    w_enc_t: &[f32],
-    b_enc: &[f32],
-    xc: &[f32],
-    d: usize,
-    pre: &mut [f32],
-) {
-    let d_sae = b_enc.len();
-    let rows: Vec<&[f32]> = xc.chunks_exact(d).collect();
-    for (j, (w, b)) in w_enc_t.chunks_exact(d).zip(b_enc).enumerate() {
-        // Four tokens per pass over the W_enc row: each loaded weight feeds four FMAs.
-        let mut quads = rows.chunks_exact(4);
-        let mut t = 0;
-        for q in &mut quads {
-            let out = dot4_lanes::<FMA>(w, [q[0], q[1], q[2], q[3]]);
-            for (i, o) in out.into_iter().enumerate() {
-                pre[(t + i) * d_sae + j] = o + b;
-            }
-            t += 4;
-        }
-        for r in quads.remainder() {
-            pre[t * d_sae + j] = dot_lanes::<FMA>(w, r) + b;
-            t += 1;
-        }
-    }
-}
-
-/// `[w · x_0, .., w · x_3]` (see [`dot_lanes`]).
-#[inline(always)]
-fn dot4_lanes<const FMA: bool>(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-    const L: usize = 8;
-    let mut acc = [[0f32; L]; 4];
-    let n = w.len() / L * L;
-    let mut out = [0f32; 4];
-    for c in (0..n).step_by(L) {
-        let wc = &w[c..c + L];
-        for (a, xs) in acc.iter_mut().zip(&x) {
-            let xc = &xs[c..c + L];
-            for ((ae, &we), &xe) in a.iter_mut().zip(wc).zip(xc) {
-                *ae = if FMA {
-                    we.mul_add(xe, *ae)
-                } else {
-                    *ae + we * xe
-                };
-            }
-        }
-    }
-    for ((o, a), xs) in out.iter_mut().zip(&acc).zip(&x) {
-        *o = a.iter().sum::<f32>() + w[n..].iter().zip(&xs[n..]).map(|(p, q)| p * q).sum::<f32>();
-    }
-    out
 }
 
 /// `y += a x`.
