@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use scalpel_core::HookPoint;
 use serde_json::Value;
 
+use crate::saelens::read_safetensors;
 use crate::{Architecture, DictConfig, DictError, Result, Sae};
 
 /// Reads a sparsify sparse coder from its hookpoint directory (`cfg.json`, `sae.safetensors`).
@@ -630,19 +631,6 @@ fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| DictError::Io {
         path: path.to_path_buf(),
         source,
-    })
-}
-
-fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    if !path.exists() {
-        return Err(DictError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-        });
-    }
-    candle_core::safetensors::load(path, device).map_err(|e| DictError::Safetensors {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
     })
 }
 

@@ -88,7 +88,8 @@ pub fn save(sae: &Sae, dir: &Path) -> Result<()> {
         .map_err(|(path, source)| DictError::Io { path, source })
 }
 
-fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// All tensors of a safetensors file; a missing or unreadable file is named.
+pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     if !path.exists() {
         return Err(DictError::Io {
             path: path.to_path_buf(),
