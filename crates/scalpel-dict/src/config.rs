@@ -26,10 +26,16 @@ pub enum Architecture {
     SkipTranscoder,
     /// A transcoder with a JumpReLU encoder.
     JumpreluTranscoder,
+    /// A JumpReLU transcoder plus a linear skip.
+    JumpreluSkipTranscoder,
+    /// A transcoder with a TopK encoder (scalpel's name: SAELens 6.54 has no TopK transcoder).
+    TopkTranscoder,
+    /// A TopK transcoder plus a linear skip (scalpel's name, as `topk_transcoder`).
+    TopkSkipTranscoder,
 }
 
 impl Architecture {
-    const ALL: [(&'static str, Architecture); 7] = [
+    const ALL: [(&'static str, Architecture); 10] = [
         ("standard", Architecture::Standard),
         ("topk", Architecture::Topk),
         ("jumprelu", Architecture::Jumprelu),
@@ -37,6 +43,9 @@ impl Architecture {
         ("transcoder", Architecture::Transcoder),
         ("skip_transcoder", Architecture::SkipTranscoder),
         ("jumprelu_transcoder", Architecture::JumpreluTranscoder),
+        ("jumprelu_skip_transcoder", Architecture::JumpreluSkipTranscoder),
+        ("topk_transcoder", Architecture::TopkTranscoder),
+        ("topk_skip_transcoder", Architecture::TopkSkipTranscoder),
     ];
 
     /// The SAELens name.
@@ -54,6 +63,37 @@ impl Architecture {
             Architecture::Transcoder
                 | Architecture::SkipTranscoder
                 | Architecture::JumpreluTranscoder
+                | Architecture::JumpreluSkipTranscoder
+                | Architecture::TopkTranscoder
+                | Architecture::TopkSkipTranscoder
+        )
+    }
+
+    /// True for the TopK encoders (which need `k`).
+    pub fn is_topk(self) -> bool {
+        matches!(
+            self,
+            Architecture::Topk | Architecture::TopkTranscoder | Architecture::TopkSkipTranscoder
+        )
+    }
+
+    /// True for the JumpReLU encoders (which have a `threshold`).
+    pub fn is_jumprelu(self) -> bool {
+        matches!(
+            self,
+            Architecture::Jumprelu
+                | Architecture::JumpreluTranscoder
+                | Architecture::JumpreluSkipTranscoder
+        )
+    }
+
+    /// True for transcoders with a linear skip `x @ W_skip^T`.
+    pub fn has_skip(self) -> bool {
+        matches!(
+            self,
+            Architecture::SkipTranscoder
+                | Architecture::JumpreluSkipTranscoder
+                | Architecture::TopkSkipTranscoder
         )
     }
 }
@@ -167,7 +207,7 @@ impl DictConfig {
             d_in,
             d_sae,
             d_out: architecture.is_transcoder().then_some(d_in),
-            k: (architecture == Architecture::Topk).then_some(100),
+            k: architecture.is_topk().then_some(100),
             rescale_acts_by_decoder_norm: (architecture == Architecture::Topk).then_some(false),
             dtype: default_dtype(),
             device: default_device(),
@@ -233,7 +273,7 @@ impl DictConfig {
         if architecture.is_transcoder() && !map.contains_key("apply_b_dec_to_input") {
             map.insert("apply_b_dec_to_input".into(), Value::Bool(false));
         }
-        if architecture == Architecture::Topk {
+        if architecture.is_topk() {
             map.entry("k").or_insert(Value::from(100));
             map.entry("rescale_acts_by_decoder_norm")
                 .or_insert(Value::Bool(false));
@@ -290,7 +330,7 @@ impl DictConfig {
                 ),
             ));
         }
-        if self.architecture == Architecture::Topk {
+        if self.architecture.is_topk() {
             let k = self.k();
             if k == 0 || k > self.d_sae {
                 return Err(err(

@@ -23,7 +23,8 @@ pub enum DictError {
     /// The `architecture` is none scalpel knows.
     #[error(
         "{source_name}: unknown architecture `{found}` (known: standard, topk, jumprelu, gated, \
-         transcoder, skip_transcoder, jumprelu_transcoder)"
+         transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder, \
+         topk_transcoder, topk_skip_transcoder)"
     )]
     UnknownArchitecture { source_name: String, found: String },
     /// A tensor the architecture needs is absent.
@@ -59,6 +60,31 @@ pub enum DictError {
         #[source]
         source: Box<scalpel_core::HookError>,
     },
+    /// Training produced a non-finite loss or gradient; the parameters were left as they were
+    /// before the step.
+    #[error("training diverged at step {step} ({tokens} tokens): {what}")]
+    Diverged {
+        step: u64,
+        tokens: u64,
+        what: String,
+    },
+    /// Reading training data (an activation store, a corpus, a model) failed.
+    #[error(transparent)]
+    Data(#[from] scalpel_data::DataError),
+    /// A dictionary's width differs from the width of the model's activation at its hook.
+    #[error("the dictionary's {what} is {dict} but the model's `{hook}` has width {model}")]
+    HookWidth {
+        what: &'static str,
+        hook: String,
+        dict: usize,
+        model: usize,
+    },
+    /// An evaluation cannot run on what it was given (no tokens, ragged contexts...).
+    #[error("evaluation: {0}")]
+    Eval(String),
+    /// A forward pass of the model failed.
+    #[error(transparent)]
+    Model(#[from] scalpel_models::ModelError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -454,18 +454,12 @@ fn circuit_tracer_layer(
     let skip = t.contains_key("W_skip");
     let topk = cfg.activation.as_deref() == Some("topk");
     let arch = match (topk, threshold, skip) {
-        (true, _, false) => Architecture::Topk,
+        (true, _, false) => Architecture::TopkTranscoder,
+        (true, _, true) => Architecture::TopkSkipTranscoder,
         (false, true, false) => Architecture::JumpreluTranscoder,
+        (false, true, true) => Architecture::JumpreluSkipTranscoder,
         (false, false, true) => Architecture::SkipTranscoder,
         (false, false, false) => Architecture::Transcoder,
-        _ => {
-            return Err(config_err(
-                &src,
-                "W_skip",
-                "a skip connection with a JumpReLU or TopK encoder has no SAELens architecture"
-                    .into(),
-            ))
-        }
     };
     let w_enc = take(&mut t, &src, "circuit-tracer", "W_enc", &[d_sae, d_model])?.t()?; // [d_model, d_sae]
     let mut tensors = HashMap::from([
@@ -504,14 +498,13 @@ fn circuit_tracer_layer(
         tensors.insert("W_skip".into(), w);
     }
     let mut dc = DictConfig::new(arch, d_model, d_sae);
-    if arch == Architecture::Topk {
+    if arch.is_topk() {
         let k = cfg
             .k
             .ok_or_else(|| config_err(&src, "k", "required by `activation: topk`".into()))?;
         dc.k = Some(k);
-    } else {
-        dc.d_out = Some(d_model);
     }
+    dc.d_out = Some(d_model);
     dc.apply_b_dec_to_input = false;
     let hook_in = circuit_tracer_hook(&cfg.feature_input_hook, layer);
     let hook_out = circuit_tracer_hook(&cfg.feature_output_hook, layer);

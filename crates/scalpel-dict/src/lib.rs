@@ -7,12 +7,15 @@
 //! - [`saelens`]: reading and writing a SAELens directory.
 //! - [`import`]: sparsify, Gemma Scope and circuit-tracer dictionaries, converted.
 //! - [`splice`]: replace an activation with the dictionary's reconstruction.
+//! - [`eval`]: SAELens's evaluation metrics of a dictionary spliced into a model.
 
 mod config;
 mod error;
+pub mod eval;
 pub mod import;
 mod sae;
 pub mod saelens;
+pub mod run;
 mod splice;
 pub mod synthetic;
 pub mod train;

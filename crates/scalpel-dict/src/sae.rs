@@ -53,12 +53,11 @@ impl Sae {
         }
         v.push(("W_dec", vec![d_sae, d_out]));
         v.push(("b_dec", vec![d_out]));
-        match cfg.architecture {
-            Architecture::Jumprelu | Architecture::JumpreluTranscoder => {
-                v.push(("threshold", vec![d_sae]))
-            }
-            Architecture::SkipTranscoder => v.push(("W_skip", vec![d_out, d_in])),
-            _ => {}
+        if cfg.architecture.is_jumprelu() {
+            v.push(("threshold", vec![d_sae]));
+        }
+        if cfg.architecture.has_skip() {
+            v.push(("W_skip", vec![d_out, d_in]));
         }
         v
     }
@@ -213,13 +212,13 @@ impl Sae {
             arch => {
                 let pre = sae_in.matmul(w_enc)?.broadcast_add(self.t("b_enc"))?; // [n, d_sae]
                 match arch {
-                    Architecture::Jumprelu | Architecture::JumpreluTranscoder => {
+                    a if a.is_jumprelu() => {
                         let mask = pre
                             .broadcast_gt(self.t("threshold"))?
                             .to_dtype(DType::F32)?;
                         (pre.relu()? * mask)?
                     }
-                    Architecture::Topk => {
+                    a if a.is_topk() => {
                         let pre = if self.rescale() {
                             pre.broadcast_mul(&self.w_dec_norm()?)?
                         } else {

@@ -102,7 +102,7 @@ pub(crate) fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<S
     })
 }
 
-fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+pub(crate) fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = TempPath::beside(path);
     candle_core::safetensors::save(tensors, tmp.path()).map_err(|e| DictError::Safetensors {
         path: path.to_path_buf(),

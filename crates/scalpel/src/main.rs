@@ -3,6 +3,8 @@
 //! progress go to stderr.
 
 mod bench;
+mod convert;
+mod eval;
 mod generate;
 mod harvest;
 mod hooks;
@@ -13,6 +15,7 @@ mod progress;
 mod prompt;
 mod run;
 mod store;
+mod train;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -53,6 +56,12 @@ enum Command {
     Harvest(harvest::Args),
     /// Inspect, verify or time an activation store.
     Store(store::Args),
+    /// Train sparse dictionaries (SAEs, transcoders) on stored or streamed activations.
+    Train(train::Args),
+    /// Convert a sparsify, Gemma Scope, circuit-tracer or older SAELens dictionary to SAELens 6.x.
+    Convert(convert::Args),
+    /// Evaluate a sparse dictionary spliced into the model (SAELens's metrics).
+    Eval(eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +76,9 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args, json),
         Command::Harvest(args) => harvest::run(args, json),
         Command::Store(args) => store::run(args, json),
+        Command::Train(args) => train::run(args, json),
+        Command::Convert(args) => convert::run(args, json),
+        Command::Eval(args) => eval::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
