@@ -355,8 +355,6 @@ def parse_args(argv=None):
     p.add_argument("--aux-loss-coefficient", type=float, default=1.0)
     p.add_argument("--decoder-init-norm", type=float, default=0.1)
     p.add_argument("--use-sparse-activations", action="store_true",
-                   help="SAELens's sparse TopK activations (COO decode); default off, as SAELens")
-    p.add_argument("--use-sparse-activations", action="store_true",
                    help="SAELens's sparse TopK activations (COO decode); off by default, as in SAELens")
     p.add_argument("--shuffle-buffer-shards", type=int, default=4)
     p.add_argument("--order", choices=["shuffled", "sequential"], default="shuffled")

@@ -173,14 +173,17 @@ pub fn train(
     let fresh: Vec<Trainer> = dicts
         .iter()
         .map(|d| {
-            Trainer::new(d.shape.clone(), d.train.clone(), dict_seed(cfg.seed, &d.name)).map_err(
-                |e| match e {
-                    DictError::Config { field, reason, .. } => {
-                        config::config_err(format!("dict.{}.{field}", d.name), reason)
-                    }
-                    e => e,
-                },
+            Trainer::new(
+                d.shape.clone(),
+                d.train.clone(),
+                dict_seed(cfg.seed, &d.name),
             )
+            .map_err(|e| match e {
+                DictError::Config { field, reason, .. } => {
+                    config::config_err(format!("dict.{}.{field}", d.name), reason)
+                }
+                e => e,
+            })
         })
         .collect::<Result<_>>()?;
 
@@ -260,10 +263,7 @@ pub fn train(
     let start_tokens = state.position.tokens;
     let mut last_ckpt = state.position.tokens;
     let mut interrupted = false;
-    let mut rows: Vec<(String, LogRow)> = names
-        .iter()
-        .map(|n| (n.clone(), empty_row()))
-        .collect();
+    let mut rows: Vec<(String, LogRow)> = names.iter().map(|n| (n.clone(), empty_row())).collect();
     if state.position.steps < total_steps {
         source.for_each_batch(
             &hooks,
@@ -274,7 +274,13 @@ pub fn train(
                 let xs: Vec<Tensor> = xs
                     .iter()
                     .zip(&factors)
-                    .map(|(x, &f)| if f == 1.0 { Ok(x.clone()) } else { x.affine(f as f64, 0.0) })
+                    .map(|(x, &f)| {
+                        if f == 1.0 {
+                            Ok(x.clone())
+                        } else {
+                            x.affine(f as f64, 0.0)
+                        }
+                    })
                     .collect::<candle_core::Result<_>>()?;
                 let step = state.position.steps;
                 let n = xs[0].dim(0)? as u64;
@@ -282,7 +288,9 @@ pub fn train(
                     let x = &xs[hook_index(&d.hook)];
                     let y = d.hook_out.as_ref().map(|h| &xs[hook_index(h)]);
                     let c = coefficients(cfg, d.train.lr, d.train.sparsity_coef, step);
-                    let stats = t.step(x, y, c).map_err(|e| diverged(e, &d.name, &cfg.out))?;
+                    let stats = t
+                        .step(x, y, c)
+                        .map_err(|e| diverged(e, &d.name, &cfg.out))?;
                     rows[i].1 = log_row(step + 1, state.position.tokens + n, c, &stats, d);
                 }
                 state.position = Position {
@@ -348,7 +356,10 @@ pub fn train(
     let mut summaries = Vec::with_capacity(dicts.len());
     for ((d, t), log) in dicts.iter().zip(&trainers).zip(&logs) {
         let scale_in = factors[hook_index(&d.hook)];
-        let scale_out = d.hook_out.as_ref().map_or(scale_in, |h| factors[hook_index(h)]);
+        let scale_out = d
+            .hook_out
+            .as_ref()
+            .map_or(scale_in, |h| factors[hook_index(h)]);
         let mut meta = metadata.clone();
         meta.hook_name = Some(d.hook.clone());
         meta.hook_name_out = d.hook_out.clone();
@@ -367,12 +378,19 @@ pub fn train(
         }
         let mut sae = t.to_sae(meta, scale_in, scale_out)?;
         for (name, tensor) in sae.named_tensors() {
-            let finite = tensor.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
+            let finite = tensor
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .all(|v| v.is_finite());
             if !finite {
                 return Err(DictError::Diverged {
                     step: state.position.steps,
                     tokens: state.position.tokens,
-                    what: format!("dictionary `{}`: {name} is not finite; nothing written", d.name),
+                    what: format!(
+                        "dictionary `{}`: {name} is not finite; nothing written",
+                        d.name
+                    ),
                 });
             }
         }

@@ -22,9 +22,18 @@ fn make_store(dir: &Path, n_ctx: usize, poison: Option<usize>) {
         model: "synthetic".into(),
         model_fingerprint: "0".into(),
         hooks: vec![
-            HookMeta { name: "a".into(), d: 16 },
-            HookMeta { name: "b".into(), d: 16 },
-            HookMeta { name: "c".into(), d: 8 },
+            HookMeta {
+                name: "a".into(),
+                d: 16,
+            },
+            HookMeta {
+                name: "b".into(),
+                d: 16,
+            },
+            HookMeta {
+                name: "c".into(),
+                d: 8,
+            },
         ],
         dtype: StoreDType::F32,
         context_size: CTX,
@@ -60,7 +69,8 @@ fn make_store(dir: &Path, n_ctx: usize, poison: Option<usize>) {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("run-{name}-{}", std::process::id()));
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("run-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -156,14 +166,21 @@ fn validation_errors_name_the_field() {
     let root = scratch("validate");
     let store = root.join("store");
     make_store(&store, 4, None);
-    let base = config(&store, &root.join("out"), vec![dict("x", "a", Activation::TopK)]);
+    let base = config(
+        &store,
+        &root.join("out"),
+        vec![dict("x", "a", Activation::TopK)],
+    );
     let err = |f: &dyn Fn(&mut RunConfig)| {
         let mut cfg = base.clone();
         f(&mut cfg);
         run::train(&cfg, &mut quiet).unwrap_err().to_string()
     };
     let e = err(&|c| c.dict[0].k = 65);
-    assert!(e.contains("dict.x.k") && e.contains("65") && e.contains("64"), "{e}");
+    assert!(
+        e.contains("dict.x.k") && e.contains("65") && e.contains("64"),
+        "{e}"
+    );
     let e = err(&|c| c.dict[0].train.lr = Some(0.0));
     assert!(e.contains("dict.x.train.lr"), "{e}");
     let e = err(&|c| c.train.lr = Some(-1.0));
@@ -178,7 +195,10 @@ fn validation_errors_name_the_field() {
         "the error lists the store's hooks: {e}"
     );
     let e = err(&|c| c.dict[0].d_in = Some(32));
-    assert!(e.contains("dict.x.d_in") && e.contains("32") && e.contains("16"), "{e}");
+    assert!(
+        e.contains("dict.x.d_in") && e.contains("32") && e.contains("16"),
+        "{e}"
+    );
     let e = err(&|c| c.dict[0].skip = true);
     assert!(e.contains("dict.x.hook_out"), "{e}");
     let e = err(&|c| c.dict.push(dict("x", "b", Activation::Relu)));
@@ -189,9 +209,10 @@ fn validation_errors_name_the_field() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("batch_sise") && e.contains("batch_size"), "{e}");
-    let e = RunConfig::from_toml("tokens = 5\n[[dict]]\nname = \"x\"\nhook = \"a\"\nd_sae = \"big\"\n")
-        .unwrap_err()
-        .to_string();
+    let e =
+        RunConfig::from_toml("tokens = 5\n[[dict]]\nname = \"x\"\nhook = \"a\"\nd_sae = \"big\"\n")
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("`dict.d_sae`") && e.contains("line 5"), "{e}");
     // Nothing was written by any of them.
     assert!(!root.join("out").exists());
@@ -209,7 +230,10 @@ fn geometric_median_hand_case() {
         vec![1.0, -1.0],
     ];
     let m = run::geometric_median(&rows, 100);
-    assert!((m[0] - 1.0).abs() < 1e-4 && (m[1] - 1.0).abs() < 1e-4, "{m:?}");
+    assert!(
+        (m[0] - 1.0).abs() < 1e-4 && (m[1] - 1.0).abs() < 1e-4,
+        "{m:?}"
+    );
     assert_eq!(run::mean(&rows), vec![1.8, 1.0]);
 }
 
@@ -259,7 +283,10 @@ fn an_interrupted_and_resumed_run_is_bit_identical_to_a_straight_one() {
         .filter(|(k, v)| !k.ends_with(".jsonl") && *v != &b[*k])
         .map(|(k, _)| k)
         .collect();
-    assert!(differ.is_empty(), "differ between the straight and the resumed run: {differ:?}");
+    assert!(
+        differ.is_empty(),
+        "differ between the straight and the resumed run: {differ:?}"
+    );
     // The logged stats are sums over the batch whose order may vary between threads: equal to
     // rounding.
     for (k, v) in a.iter().filter(|(k, _)| k.ends_with(".jsonl")) {
@@ -272,8 +299,16 @@ fn an_interrupted_and_resumed_run_is_bit_identical_to_a_straight_one() {
         let (ra, rb) = (rows(v), rows(&b[k]));
         assert_eq!(ra.len(), rb.len(), "{k}");
         for (x, y) in ra.iter().zip(&rb) {
-            assert_eq!((x.step, x.tokens, x.lr, x.l0), (y.step, y.tokens, y.lr, y.l0), "{k}");
-            for (p, q) in [(x.loss, y.loss), (x.mse, y.mse), (x.explained_variance, y.explained_variance)] {
+            assert_eq!(
+                (x.step, x.tokens, x.lr, x.l0),
+                (y.step, y.tokens, y.lr, y.l0),
+                "{k}"
+            );
+            for (p, q) in [
+                (x.loss, y.loss),
+                (x.mse, y.mse),
+                (x.explained_variance, y.explained_variance),
+            ] {
                 assert!((p - q).abs() <= 1e-9 * p.abs().max(1.0), "{k}: {p} vs {q}");
             }
         }
@@ -290,7 +325,11 @@ fn an_interrupted_and_resumed_run_is_bit_identical_to_a_straight_one() {
     assert_eq!(m.prepend_bos, Some(true));
     assert_eq!(m.dataset_path.as_deref(), Some("synthetic corpus"));
     assert_eq!(m.model_name.as_deref(), Some("synthetic"));
-    assert!(m.sae_lens_training_version.as_deref().unwrap().starts_with("scalpel"));
+    assert!(m
+        .sae_lens_training_version
+        .as_deref()
+        .unwrap()
+        .starts_with("scalpel"));
     assert!(m.extra["norm_scaling_factor"].as_f64().unwrap() > 0.0);
     assert!(sae.sparsity.is_some());
     let log = std::fs::read_to_string(root.join("straight/topk/training_log.jsonl")).unwrap();
@@ -321,9 +360,16 @@ fn dictionaries_trained_together_equal_each_trained_alone() {
         let alone = config(&store, &root.join(&name), vec![d]);
         run::train(&alone, &mut quiet).unwrap();
         let single = comparable(&root.join(&name));
-        for file in ["sae_weights.safetensors", "sparsity.safetensors", "cfg.json"] {
+        for file in [
+            "sae_weights.safetensors",
+            "sparsity.safetensors",
+            "cfg.json",
+        ] {
             let key = format!("{name}/{file}");
-            assert!(single[&key] == joint[&key], "{key} differs when trained with others");
+            assert!(
+                single[&key] == joint[&key],
+                "{key} differs when trained with others"
+            );
         }
     }
 }
@@ -334,34 +380,56 @@ fn a_diverging_run_stops_naming_the_dictionary_and_keeps_the_last_checkpoint() {
     let store = root.join("store");
     // One row in 160 is infinite: some batch holds it.
     make_store(&store, 10, Some(6));
-    let mut cfg = config(&store, &root.join("out"), vec![dict("poisoned", "a", Activation::TopK)]);
+    let mut cfg = config(
+        &store,
+        &root.join("out"),
+        vec![dict("poisoned", "a", Activation::TopK)],
+    );
     cfg.normalize_activations = Normalization::None;
     cfg.b_dec_init = BDecInit::Zeros;
     cfg.checkpoint_every_tokens = 32;
     let e = run::train(&cfg, &mut quiet).unwrap_err().to_string();
     assert!(e.contains("diverged") && e.contains("`poisoned`"), "{e}");
     assert!(e.contains("last checkpoint"), "{e}");
-    assert!(!root.join("out/poisoned").exists(), "no dictionary is written");
+    assert!(
+        !root.join("out/poisoned").exists(),
+        "no dictionary is written"
+    );
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("out/checkpoints/state.json")).unwrap(),
     )
     .unwrap();
     let steps = state["position"]["steps"].as_u64().unwrap();
-    assert!(e.contains(&format!("step {}", steps + 1)), "{e} (checkpoint at {steps})");
+    assert!(
+        e.contains(&format!("step {}", steps + 1)),
+        "{e} (checkpoint at {steps})"
+    );
     let t = scalpel_dict::train::Trainer::load_checkpoint(&root.join("out/checkpoints/poisoned"))
         .unwrap();
     assert_eq!(t.steps, steps);
-    assert!(t.params.w_dec.iter().chain(&t.params.b_dec).all(|v| v.is_finite()));
+    assert!(t
+        .params
+        .w_dec
+        .iter()
+        .chain(&t.params.b_dec)
+        .all(|v| v.is_finite()));
 
     // An absurd learning rate diverges at once, before any checkpoint.
     let store_ok = root.join("store_ok");
     make_store(&store_ok, 4, None);
-    let mut cfg = config(&store_ok, &root.join("out2"), vec![dict("hot", "a", Activation::Relu)]);
+    let mut cfg = config(
+        &store_ok,
+        &root.join("out2"),
+        vec![dict("hot", "a", Activation::Relu)],
+    );
     cfg.train.lr = Some(1e30);
     cfg.lr_warm_up_steps = 0;
     cfg.tokens = 320;
     cfg.lr_decay_steps = 0;
     let e = run::train(&cfg, &mut quiet).unwrap_err().to_string();
-    assert!(e.contains("diverged") && e.contains("`hot`") && e.contains("no checkpoint"), "{e}");
+    assert!(
+        e.contains("diverged") && e.contains("`hot`") && e.contains("no checkpoint"),
+        "{e}"
+    );
     assert!(!root.join("out2/hot").exists());
 }

@@ -39,7 +39,9 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         )],
         "gemma-scope" => {
             let Some(hook) = &args.hook else {
-                bail!("--hook is required for gemma-scope (params.npz does not say where it applies)");
+                bail!(
+                    "--hook is required for gemma-scope (params.npz does not say where it applies)"
+                );
             };
             let sae = import::gemma_scope(src, hook, args.hook_out.as_deref(), &cpu)?;
             vec![(args.out.clone(), sae)]

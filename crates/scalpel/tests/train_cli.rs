@@ -34,8 +34,14 @@ fn make_store(dir: &Path) {
         model: "tiny".into(),
         model_fingerprint: "0".into(),
         hooks: vec![
-            HookMeta { name: "a".into(), d: 12 },
-            HookMeta { name: "b".into(), d: 6 },
+            HookMeta {
+                name: "a".into(),
+                d: 12,
+            },
+            HookMeta {
+                name: "b".into(),
+                d: 6,
+            },
         ],
         dtype: StoreDType::F32,
         context_size: 16,
@@ -54,11 +60,20 @@ fn make_store(dir: &Path) {
             .map(|p| {
                 let h = (ctx * 31 + p * 17) % 12;
                 (0..12u32)
-                    .map(|j| if j == h || j == (h * 5 + 1) % 12 { 1.0 + (j as f32) / 10.0 } else { 0.0 })
+                    .map(|j| {
+                        if j == h || j == (h * 5 + 1) % 12 {
+                            1.0 + (j as f32) / 10.0
+                        } else {
+                            0.0
+                        }
+                    })
                     .collect()
             })
             .collect();
-        let b: Vec<Vec<f32>> = a.iter().map(|r| (0..6).map(|j| r[2 * j] + r[2 * j + 1]).collect()).collect();
+        let b: Vec<Vec<f32>> = a
+            .iter()
+            .map(|r| (0..6).map(|j| r[2 * j] + r[2 * j + 1]).collect())
+            .collect();
         let t = |v: Vec<Vec<f32>>| Tensor::new(v, &Device::Cpu).unwrap();
         let tokens: Vec<u32> = (0..16).collect();
         w.push(&tokens, &[("a", t(a)), ("b", t(b))]).unwrap();
@@ -68,7 +83,11 @@ fn make_store(dir: &Path) {
 
 /// A failing command prints exactly one `error:` line and no panic.
 fn assert_one_error_line(o: &Output, needle: &str) -> String {
-    assert!(!o.status.success(), "expected failure, stdout: {}", text(&o.stdout));
+    assert!(
+        !o.status.success(),
+        "expected failure, stdout: {}",
+        text(&o.stdout)
+    );
     let err = text(&o.stderr);
     assert!(!err.contains("panicked"), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
@@ -84,8 +103,20 @@ fn print_config_parses_back() {
     let cfg = RunConfig::from_toml(&text(&o.stdout)).unwrap();
     assert_eq!(cfg.batch_size, 4096);
     let o = scalpel(&[
-        "train", "--print-config", "--store", "acts", "--hook", "blocks.2.hook_resid_post",
-        "--activation", "jumprelu", "--d-sae", "128", "--lr", "0.01", "--tokens", "1000",
+        "train",
+        "--print-config",
+        "--store",
+        "acts",
+        "--hook",
+        "blocks.2.hook_resid_post",
+        "--activation",
+        "jumprelu",
+        "--d-sae",
+        "128",
+        "--lr",
+        "0.01",
+        "--tokens",
+        "1000",
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let cfg = RunConfig::from_toml(&text(&o.stdout)).unwrap();
@@ -105,8 +136,26 @@ fn train_writes_saelens_dictionaries_and_resumes() {
     let out = root.join("out");
     let (s, o) = (store.to_str().unwrap(), out.to_str().unwrap());
     let args = [
-        "train", "--store", s, "--hook", "a", "--activation", "topk", "--d-sae", "24", "--k",
-        "3", "--tokens", "320", "--batch", "32", "--out", o, "--lr", "0.003", "--json",
+        "train",
+        "--store",
+        s,
+        "--hook",
+        "a",
+        "--activation",
+        "topk",
+        "--d-sae",
+        "24",
+        "--k",
+        "3",
+        "--tokens",
+        "320",
+        "--batch",
+        "32",
+        "--out",
+        o,
+        "--lr",
+        "0.003",
+        "--json",
     ];
     let r = scalpel(&args);
     assert!(r.status.success(), "{}", text(&r.stderr));
@@ -127,7 +176,10 @@ fn train_writes_saelens_dictionaries_and_resumes() {
     assert!(r.status.success(), "{}", text(&r.stderr));
     let v: Value = serde_json::from_str(&text(&r.stdout)).unwrap();
     assert_eq!(v["resumed_from_tokens"], 320);
-    assert_eq!(std::fs::read(out.join("a/sae_weights.safetensors")).unwrap(), weights);
+    assert_eq!(
+        std::fs::read(out.join("a/sae_weights.safetensors")).unwrap(),
+        weights
+    );
 
     // A TOML config with two dictionaries, one a transcoder a -> b.
     let cfg = format!(
@@ -141,7 +193,11 @@ fn train_writes_saelens_dictionaries_and_resumes() {
     std::fs::write(&path, cfg).unwrap();
     let r = scalpel(&["train", path.to_str().unwrap()]);
     assert!(r.status.success(), "{}", text(&r.stderr));
-    assert!(text(&r.stdout).contains("trained 2 dictionaries"), "{}", text(&r.stdout));
+    assert!(
+        text(&r.stdout).contains("trained 2 dictionaries"),
+        "{}",
+        text(&r.stdout)
+    );
     let tc = saelens::load(&root.join("out2/tc"), &Device::Cpu).unwrap();
     assert_eq!(tc.cfg.architecture, Architecture::JumpreluTranscoder);
     assert_eq!(tc.cfg.metadata.hook_name_out.as_deref(), Some("b"));
@@ -150,13 +206,25 @@ fn train_writes_saelens_dictionaries_and_resumes() {
     // convert --from saelens rewrites it; the weights read back the same.
     let conv = root.join("converted");
     let r = scalpel(&[
-        "convert", "--from", "saelens", root.join("out2/tc").to_str().unwrap(), "--out",
-        conv.to_str().unwrap(), "--json",
+        "convert",
+        "--from",
+        "saelens",
+        root.join("out2/tc").to_str().unwrap(),
+        "--out",
+        conv.to_str().unwrap(),
+        "--json",
     ]);
     assert!(r.status.success(), "{}", text(&r.stderr));
     let back = saelens::load(&conv, &Device::Cpu).unwrap();
     assert_eq!(back.cfg, tc.cfg);
-    let w = |s: &scalpel_dict::Sae| s.tensor("W_dec").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = |s: &scalpel_dict::Sae| {
+        s.tensor("W_dec")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     assert_eq!(w(&back), w(&tc));
 }
 
@@ -174,9 +242,15 @@ fn bad_inputs_fail_with_one_error_line() {
         v.extend_from_slice(extra);
         scalpel(&v)
     };
-    assert_one_error_line(&with(&["--hook", "a", "--d-sae", "8", "--k", "9", "--batch", "32"]), "dict.a.k");
+    assert_one_error_line(
+        &with(&["--hook", "a", "--d-sae", "8", "--k", "9", "--batch", "32"]),
+        "dict.a.k",
+    );
     let e = assert_one_error_line(&with(&["--hook", "zzz"]), "dict.zzz.hook");
-    assert!(e.contains("\"a\"") && e.contains("\"b\""), "lists the store's hooks: {e}");
+    assert!(
+        e.contains("\"a\"") && e.contains("\"b\""),
+        "lists the store's hooks: {e}"
+    );
     assert_one_error_line(&with(&["--hook", "a", "--lr", "0"]), "train.lr");
     assert_one_error_line(&with(&["--hook", "a", "--batch", "0"]), "batch_size");
     assert_one_error_line(&with(&[]), "dict");
@@ -184,7 +258,10 @@ fn bad_inputs_fail_with_one_error_line() {
         &scalpel(&["train", "--store", "/nonexistent/store", "--hook", "a"]),
         "/nonexistent/store",
     );
-    assert_one_error_line(&scalpel(&["train", "/nonexistent/run.toml"]), "/nonexistent/run.toml");
+    assert_one_error_line(
+        &scalpel(&["train", "/nonexistent/run.toml"]),
+        "/nonexistent/run.toml",
+    );
     let bad = root.join("bad.toml");
     std::fs::write(&bad, "tokens = \"many\"\n").unwrap();
     assert_one_error_line(&scalpel(&["train", bad.to_str().unwrap()]), "tokens");
@@ -193,7 +270,14 @@ fn bad_inputs_fail_with_one_error_line() {
         "--hook",
     );
     assert_one_error_line(
-        &scalpel(&["convert", "--from", "saelens", "/nonexistent/sae", "--out", o]),
+        &scalpel(&[
+            "convert",
+            "--from",
+            "saelens",
+            "/nonexistent/sae",
+            "--out",
+            o,
+        ]),
         "/nonexistent/sae",
     );
     assert!(!out.exists(), "nothing written by failed runs");

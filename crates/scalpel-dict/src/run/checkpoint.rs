@@ -71,7 +71,8 @@ pub fn save(
         let path = dir.join(LOG);
         fs::write(&path, log_jsonl(log)).map_err(io(&path))?;
     }
-    let body = serde_json::to_string_pretty(state).map_err(|e| config_err("(state)", e.to_string()))?;
+    let body =
+        serde_json::to_string_pretty(state).map_err(|e| config_err("(state)", e.to_string()))?;
     let path = tmp.join(STATE);
     fs::write(&path, body).map_err(io(&path))?;
     let (dir, old) = (out.join(DIR), out.join(OLD));
@@ -101,7 +102,10 @@ pub fn load(dir: &Path, names: &[String]) -> Result<(State, Vec<Trainer>, Vec<Ve
         return Err(DictError::Config {
             source_name: path.display().to_string(),
             field: "format".into(),
-            reason: format!("checkpoint format {}, this scalpel reads {FORMAT}", state.format),
+            reason: format!(
+                "checkpoint format {}, this scalpel reads {FORMAT}",
+                state.format
+            ),
         });
     }
     let mut trainers = Vec::with_capacity(names.len());
@@ -168,4 +172,3 @@ pub fn check_same_config(saved: &RunConfig, now: &RunConfig, dir: &Path) -> Resu
     }
     Ok(())
 }
-

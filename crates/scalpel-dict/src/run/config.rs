@@ -263,7 +263,9 @@ impl RunConfig {
                 Some(f) => f.to_string(),
                 None => line.and_then(key_at).unwrap_or_else(|| "(toml)".into()),
             };
-            let at = line.map(|n| format!(" (line {})", n + 1)).unwrap_or_default();
+            let at = line
+                .map(|n| format!(" (line {})", n + 1))
+                .unwrap_or_default();
             config_err(field, format!("{msg}{at}"))
         })
     }
@@ -520,7 +522,7 @@ shuffle_buffer_rows = 65_536
 
 # Optimiser and loss settings for every dictionary (any [dict.train] overrides them).
 [train]
-# lr = 4e-4
+# lr = 3e-4
 # beta1 = 0.9
 # beta2 = 0.999
 # eps = 1e-8
@@ -528,10 +530,10 @@ shuffle_buffer_rows = 65_536
 # k_aux = 256            # dead latents in the AuxK loss (topk, batchtopk); 0 disables it
 # aux_coef = 0.03125
 # dead_window = 1_000_000 # tokens without firing before a latent counts as dead
-# sparsity_coef = 5.0     # relu: L1 coefficient; jumprelu: L0 coefficient
-# bandwidth = 0.001       # jumprelu straight-through bandwidth
-# init_threshold = 0.001  # jumprelu initial threshold
-# topk_threshold_lr = 0.01 # batchtopk: the inference threshold's update rate
+# sparsity_coef = 1.0     # relu: L1 coefficient; jumprelu: L0 coefficient
+# bandwidth = 0.05        # jumprelu straight-through bandwidth
+# init_threshold = 0.01   # jumprelu initial threshold
+# topk_threshold_lr = 0.01 # batchtopk: the inference threshold's running-average rate
 
 [[dict]]
 # Directory name under `out`.

@@ -131,8 +131,10 @@ impl Source {
                             .collect(),
                     )
                 });
-                m.extra
-                    .insert("activation_store".into(), Value::from(dir.display().to_string()));
+                m.extra.insert(
+                    "activation_store".into(),
+                    Value::from(dir.display().to_string()),
+                );
             }
             Source::Stream { cfg, .. } => {
                 m.model_name = cfg.model.clone();

@@ -110,7 +110,10 @@ mod tests {
         assert!(mu[0] > 25.0, "{mu:?}");
         // By symmetry it lies on the diagonal; the unit vectors to (1, 0) and (0, 1) cancel
         // those to (0, 0) and the outlier at (0.5, 0.5).
-        assert!((m[0] - 0.5).abs() < 1e-3 && (m[1] - 0.5).abs() < 1e-3, "{m:?}");
+        assert!(
+            (m[0] - 0.5).abs() < 1e-3 && (m[1] - 0.5).abs() < 1e-3,
+            "{m:?}"
+        );
         // Its defining property: the unit vectors from it to the points sum to zero.
         let g: Vec<f64> = (0..2)
             .map(|j| {
