@@ -14,13 +14,14 @@ What it does
 ------------
 1. Reads the store's manifest.json (a snapshot: a store still being harvested works, only its
    complete shards are used) and memory-maps the shard safetensors files with numpy.
-2. Splits the shards: the *eval* split is the last ``ceil(--eval-rows / (contexts_per_shard *
-   context_size))`` shards of the store (default 65536 rows = the last 8 shards of 64 x 128),
-   the *train* split is every shard before them. Masked rows are dropped in both (below), so the
-   eval split holds at most ``--eval-rows`` rows. Splitting on whole shards lets scalpel read the
-   very same rows: ``--write-views DIR`` writes ``DIR/train`` and ``DIR/eval``, two valid stores
-   (a copy of the manifest listing only that split's shards, and symlinks to the original shard
-   files, renumbered from 0 in the eval view), so ``StoreReader::open(DIR/train).batches(hook,
+2. Splits the shards: the *eval* split is the fewest trailing shards of the store that hold at
+   least ``--eval-rows`` stored rows (default 65536: 8 full shards of 64 x 128 contexts, or 9 when
+   the last shard is partial), the *train* split is every shard before them. Masked rows are
+   dropped in both (below), so the eval split holds somewhat fewer rows than it stores.
+   Splitting on whole shards lets scalpel read the very same rows: ``--write-views DIR`` writes
+   ``DIR/train`` and ``DIR/eval``, two valid stores (a copy of the manifest listing only that
+   split's shards, and symlinks to the original shard files, renumbered from 0 in the eval view),
+   so ``StoreReader::open(DIR/train).batches(hook,
    batch_size, seed, shuffle_buffer_shards)`` yields byte-identical batches in the identical order.
 3. Builds the training stream by mirroring ``StoreReader::batches`` (crates/scalpel-data/src/
    store.rs) exactly, including its RNG: Rust ``rand 0.8`` ``StdRng::seed_from_u64(seed)``
@@ -34,6 +35,9 @@ What it does
        (usize range, 64-bit draws), the same RNG continuing after the shuffle;
      * the last batch of an epoch may be short; epoch ``e`` (if ``--tokens`` exceeds one epoch)
        uses seed ``--seed + e``.
+   The RNG and the pool logic were checked against rand 0.8.8 and a verbatim copy of
+   ``Batches::{refill,next}`` compiled in Rust (shuffles, 60k range draws, 3 batch streams with
+   masked and partial shards: identical).
    Masking (as the Rust loader): a row (position ``r % context_size`` of its context) is kept
    iff its token id (shard tensor ``tokens``) is not in ``meta.exclude_token_ids`` and its position
    is kept by ``meta.seqpos_slice`` (Python slice semantics, ``None`` keeps all).
@@ -77,10 +81,16 @@ n_batches_for_norm_estimate=1000 training batches - here at most the budget's ba
 consuming them), --b-dec-init zeros (SAELens 6.54 has no b_dec initialisation: b_dec starts at
 zero; ``mean`` sets b_dec to the mean of the first training batch, outside SAELens - to match,
 give scalpel's ``TopKTrainer::init_b_dec`` that first batch; geometric_median is not offered:
-SAELens 6.x has no b_dec initialisation at all), --rescale-acts-by-decoder-norm true (SAELens's TopK training default),
---aux-loss-coefficient 1.0 (SAELens default), --use-sparse-activations off (SAELens default),
+SAELens 6.x has no b_dec initialisation at all), --rescale-acts-by-decoder-norm true (SAELens's
+TopK training default),
+--aux-loss-coefficient 1.0 (SAELens default), --use-sparse-activations off (SAELens default; on
+this CPU build, torch 2.15, it fails in backward: aten::view has no SparseCPU kernel),
 --decoder-init-norm 0.1 (SAELens default; W_enc starts as W_dec^T), --shuffle-buffer-shards 4
 (scalpel ``store bench`` default), --threads 2.
+
+Measured (this 2-core machine, torch threads 2, otherwise idle, load average 1.1-1.9 of which
+2 is this run): d_in 576, d_sae 9216, k 32, batch 4096 trains at about 1.7-1.9k activations/s
+(49 steps: 1886/s; 20 steps: 1690/s).
 
 Transcoders: SAELens 6.54 cannot train transcoders. Its Transcoder, SkipTranscoder and JumpReLU
 transcoder classes are inference-only (no TrainingSAE subclass, no training config, the trainer
@@ -89,7 +99,6 @@ feeds a single tensor as both input and target), so ``--transcoder`` only prints
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -294,7 +303,34 @@ class Store:
         (out / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
 
 
-def batch_index_lists(kept_counts, unmasked_rows, capacity_rows, batch_size, seed):
+def epoch_seed(seed: int, epoch: int) -> int:
+    """``epoch_seed`` of crates/scalpel-dict/src/run/data.rs (splitmix64 of the pair)."""
+    z = (seed ^ (epoch * 0x9E3779B97F4A7C15)) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def geometric_median(rows: np.ndarray, max_iter: int = 100) -> np.ndarray:
+    """``geometric_median`` of crates/scalpel-dict/src/run/init.rs: Weiszfeld from the mean, f64."""
+    x = rows.astype(np.float64)
+    y = x.mean(0)
+
+    def objective(p):
+        return float(np.sqrt(((x - p) ** 2).sum(1)).sum())
+
+    best = objective(y)
+    for _ in range(max_iter):
+        w = 1.0 / np.maximum(np.sqrt(((x - y) ** 2).sum(1)), 1e-8)
+        y = (w[:, None] * x).sum(0) / w.sum()
+        value = objective(y)
+        if best - value <= 1e-9 * best:
+            break
+        best = value
+    return y.astype(np.float32)
+
+
+def batch_index_lists(kept_counts, unmasked_rows, capacity_rows, batch_size, seed, max_batches=None):
     """One epoch of ``StoreReader::batches``: lists of indices into the concatenation of the
     kept rows of the (train) shards in store order."""
     offsets = np.concatenate([[0], np.cumsum(kept_counts)]).tolist()
@@ -314,7 +350,7 @@ def batch_index_lists(kept_counts, unmasked_rows, capacity_rows, batch_size, see
             pool.extend(range(offsets[s], offsets[s] + kept_counts[s]))
             nxt += 1
         n = min(batch_size, len(pool))
-        if n == 0:
+        if n == 0 or (max_batches is not None and len(batches) >= max_batches):
             return batches
         out = []
         for _ in range(n):
@@ -338,7 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="directory for the trained SAE (SAELens inference format)")
     p.add_argument("--tokens", type=int, required=True, help="training token budget (rows)")
     p.add_argument("--eval-rows", type=int, default=65536,
-                   help="held-out rows, rounded up to whole shards at the end of the store")
+                   help="held-out stored rows, rounded up to whole shards at the end of the store")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--adam-beta1", type=float, default=0.9)
@@ -350,14 +386,16 @@ def parse_args(argv=None):
     p.add_argument("--d-sae", type=int, default=9216)
     p.add_argument("--dead-feature-window", type=int, default=1_000_000, help="in tokens")
     p.add_argument("--normalize-activations", choices=["none", "expected_average_only_in"], default="none")
-    p.add_argument("--b-dec-init", choices=["zeros", "mean"], default="zeros")
+    p.add_argument("--b-dec-init", choices=["zeros", "mean", "geometric_median"], default="zeros")
     p.add_argument("--rescale-acts-by-decoder-norm", choices=["true", "false"], default="true")
     p.add_argument("--aux-loss-coefficient", type=float, default=1.0)
     p.add_argument("--decoder-init-norm", type=float, default=0.1)
     p.add_argument("--use-sparse-activations", action="store_true",
                    help="SAELens's sparse TopK activations (COO decode); off by default, as in SAELens")
-    p.add_argument("--shuffle-buffer-shards", type=int, default=4)
-    p.add_argument("--order", choices=["shuffled", "sequential"], default="shuffled")
+    p.add_argument("--shuffle-buffer-shards", type=int, default=16)
+    p.add_argument("--order", choices=["scalpel", "sequential"], default="scalpel")
+    p.add_argument("--init-sample-rows", type=int, default=16384,
+                   help="rows of scalpel's init sample (b_dec init, normalisation factor)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write-views", default=None,
                    help="write DIR/train and DIR/eval stores (symlinks) for scalpel to read the same rows")
@@ -393,7 +431,11 @@ def main(argv=None):
     d = store.hook_d(hook)
     n_shards = len(store.shards)
     rows_per_shard = store.cps * store.ctx
-    n_eval_shards = math.ceil(args.eval_rows / rows_per_shard) if args.eval_rows > 0 else 0
+    # Eval = the fewest trailing shards holding >= --eval-rows stored (unmasked) rows.
+    n_eval_shards, stored = 0, 0
+    while stored < args.eval_rows and n_eval_shards < n_shards:
+        n_eval_shards += 1
+        stored += store.shards[n_shards - n_eval_shards]["n_contexts"] * store.ctx
     if n_eval_shards >= n_shards:
         raise SystemExit(f"store has {n_shards} complete shards; {n_eval_shards} are needed for eval alone")
     train_ids = list(range(n_shards - n_eval_shards))
@@ -413,22 +455,30 @@ def main(argv=None):
     # The budget's batches, in the order StoreReader::batches yields them.
     batches: list[list[int] | tuple[int, int]] = []
     total, epoch = 0, 0
+    capacity = args.shuffle_buffer_shards * rows_per_shard
     while total < args.tokens:
-        if args.order == "shuffled":
-            ep = batch_index_lists(kept_counts, unmasked, args.shuffle_buffer_shards * rows_per_shard,
-                                   args.batch_size, args.seed + epoch)
+        if args.order == "scalpel":
+            ep = batch_index_lists(kept_counts, unmasked, capacity, args.batch_size,
+                                   epoch_seed(args.seed, epoch))
         else:
             n = len(train_rows)
             ep = [(s, min(s + args.batch_size, n)) for s in range(0, n, args.batch_size)]
+        # `scalpel train` drops an epoch's short last batch.
+        ep = [b for b in ep if (len(b) if isinstance(b, list) else b[1] - b[0]) == args.batch_size]
         if not ep:
-            raise SystemExit("the train split has no rows")
+            raise SystemExit("the train split has fewer rows than one batch")
         for b in ep:
             if total >= args.tokens:
                 break
             batches.append(b)
             total += len(b) if isinstance(b, list) else b[1] - b[0]
         epoch += 1
-    if args.order == "shuffled":
+    # scalpel's init sample: the first batch of `init_sample_rows` rows of the seed's
+    # `epoch_seed(seed, u64::MAX)` shuffle (Source::sample).
+    sample_idx = batch_index_lists(kept_counts, unmasked, capacity, max(args.init_sample_rows, 1),
+                                   epoch_seed(args.seed, MASK64), max_batches=1)[0]
+    sample = train_rows[np.array(sample_idx, dtype=np.int64)]
+    if args.order == "scalpel":
         flat = np.fromiter((i for b in batches for i in b), dtype=np.int64, count=total)
         data = torch.from_numpy(train_rows[flat])
     else:
@@ -459,9 +509,17 @@ def main(argv=None):
     sae_cfg.metadata.model_name = store.meta.get("model")
     sae_cfg.metadata.context_size = store.ctx
     sae = TopKTrainingSAE(sae_cfg)
-    if args.b_dec_init == "mean":
+    scaling_factor = None
+    if args.normalize_activations == "expected_average_only_in":
+        # scalpel's norm_scaling_factor over its init sample. (SAELens would estimate it over
+        # n_batches_for_norm_estimate=1000 batches drawn from the provider; same formula.)
+        scaling_factor = float(d**0.5 / np.sqrt((sample.astype(np.float64) ** 2).sum(1)).mean())
+    if args.b_dec_init != "zeros":
+        scaled = sample * np.float32(scaling_factor or 1.0)
+        b = scaled.astype(np.float64).mean(0).astype(np.float32) if args.b_dec_init == "mean" \
+            else geometric_median(scaled)
         with torch.no_grad():
-            sae.b_dec.copy_(data[: sizes[0]].mean(0))
+            sae.b_dec.copy_(torch.from_numpy(b))
 
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total,
@@ -485,13 +543,7 @@ def main(argv=None):
             yield data[offsets[j]:offsets[j + 1]]
 
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider())
-    scaling_factor = None
-    if args.normalize_activations == "expected_average_only_in":
-        # SAELens estimates sqrt(d_in)/mean||x|| over n_batches_for_norm_estimate batches drawn
-        # from the provider; here the same batches are read without consuming them.
-        nb = min(trainer_cfg.n_batches_for_norm_estimate, len(sizes))
-        mean_norm = float(data[: offsets[nb]].norm(dim=-1).double().mean())
-        scaling_factor = d**0.5 / mean_norm
+    if scaling_factor is not None:
         trainer.activation_scaler.scaling_factor = scaling_factor
 
     log(f"training: {len(sizes)} steps, torch threads {torch.get_num_threads()}")
@@ -575,6 +627,7 @@ def main(argv=None):
             "decoder_init_norm": args.decoder_init_norm,
             "use_sparse_activations": args.use_sparse_activations,
             "order": args.order, "shuffle_buffer_shards": args.shuffle_buffer_shards,
+            "init_sample_rows": len(sample),
         },
         "data": {
             "store": str(store.dir), "store_shards": n_shards,

@@ -401,9 +401,14 @@ impl Params {
 
     /// The first non-finite entry, as (name, index).
     fn first_non_finite(&self) -> Option<(&'static str, usize)> {
+        self.first_beyond(f32::INFINITY)
+    }
+
+    /// The first entry that is not finite or has `|x| ≥ limit`, as (name, index).
+    fn first_beyond(&self, limit: f32) -> Option<(&'static str, usize)> {
         self.all().into_iter().find_map(|(name, v)| {
             v.par_iter()
-                .position_any(|x| !x.is_finite())
+                .position_any(|x| !(x.abs() < limit))
                 .map(|i| (name, i))
         })
     }
@@ -1017,8 +1022,10 @@ impl Trainer {
                 stats.loss, stats.mse
             )));
         }
-        if let Some((name, i)) = g.first_non_finite() {
-            return Err(diverged(format!("the gradient of {name}[{i}] is not finite")));
+        if let Some((name, i)) = g.first_beyond(1e18) {
+            return Err(diverged(format!(
+                "the gradient of {name}[{i}] is not finite or beyond 1e18"
+            )));
         }
         let unit = self.shape.activation.unit_decoder();
         if unit {
@@ -1034,8 +1041,18 @@ impl Trainer {
                     }
                 });
         }
-        // Update a copy, so that a non-finite result leaves the trainer untouched.
-        let before = (self.params.clone(), self.moments.clone());
+        // With finite gradients below 1e18 (checked above) the Adam moments stay finite and each
+        // normalised update is at most a few units, so parameters can only overflow when the
+        // learning rate or the weights are already absurd: only then is a copy kept to restore.
+        let max_p = self
+            .params
+            .all()
+            .iter()
+            .map(|(_, v)| v.par_iter().map(|x| x.abs()).reduce(|| 0.0, f32::max))
+            .fold(0f32, f32::max) as f64;
+        let safe = c.lr as f64 * 1e3 * (1.0 + self.train.weight_decay as f64 * max_p) + max_p
+            < 1e30;
+        let before = (!safe).then(|| (self.params.clone(), self.moments.clone()));
         let t = (self.steps + 1) as i32;
         let tc = &self.train;
         let h = AdamHyper {
@@ -1066,11 +1083,19 @@ impl Trainer {
         }
         if let Some((name, i)) = self.params.first_non_finite() {
             let step = self.steps + 1;
-            (self.params, self.moments) = before;
+            let kept = match before {
+                Some(b) => {
+                    (self.params, self.moments) = b;
+                    ""
+                }
+                None => "; the parameters are not usable, reload a checkpoint",
+            };
             return Err(DictError::Diverged {
                 step,
                 tokens: self.tokens_seen + n as u64,
-                what: format!("the update made {name}[{i}] non-finite (learning rate too high?)"),
+                what: format!(
+                    "the update made {name}[{i}] non-finite (learning rate too high?){kept}"
+                ),
             });
         }
         if self.shape.activation == Activation::BatchTopK && min_active.is_finite() {
