@@ -21,11 +21,15 @@ What it does
    Splitting on whole shards lets scalpel read the very same rows: ``--write-views DIR`` writes
    ``DIR/train`` and ``DIR/eval``, two valid stores (a copy of the manifest listing only that
    split's shards, and symlinks to the original shard files, renumbered from 0 in the eval view),
-   so ``StoreReader::open(DIR/train).batches(hook,
-   batch_size, seed, shuffle_buffer_shards)`` yields byte-identical batches in the identical order.
-3. Builds the training stream by mirroring ``StoreReader::batches`` (crates/scalpel-data/src/
-   store.rs) exactly, including its RNG: Rust ``rand 0.8`` ``StdRng::seed_from_u64(seed)``
-   (PCG32 seed expansion, then ChaCha12) is reimplemented here, so
+   so ``scalpel train`` with its store set to ``DIR/train`` (same seed, batch_size,
+   shuffle_buffer_shards, tokens) is fed byte-identical batches in the identical order.
+3. Builds the training stream as ``scalpel train`` reads a store (Source::for_each_batch in
+   crates/scalpel-dict/src/run/data.rs): epoch ``e`` is one ``StoreReader::batches(hook,
+   batch_size, epoch_seed(seed, e), shuffle_buffer_shards)`` (epoch_seed = splitmix64 of the
+   pair, reimplemented), an epoch's short last batch is dropped, and training takes
+   ``ceil(tokens / batch_size)`` full batches. ``StoreReader::batches`` (crates/scalpel-data/src/
+   store.rs) is mirrored exactly, including its RNG: Rust ``rand 0.8``
+   ``StdRng::seed_from_u64(seed)`` (PCG32 seed expansion, then ChaCha12) is reimplemented, so
      * shard visiting order = ``order = [0..n_train_shards)`` shuffled by ``SliceRandom::shuffle``
        (Fisher-Yates from the back, ``gen_range(0..i+1 as u32)``);
      * within a shard, masked rows are dropped, the kept rows keep their store order;
@@ -33,16 +37,18 @@ What it does
        shuffle_buffer_shards * contexts_per_shard * context_size`` or the pool holds fewer than
        ``batch_size`` rows; each batch row is ``pool.swap_remove(rng.gen_range(0..pool.len()))``
        (usize range, 64-bit draws), the same RNG continuing after the shuffle;
-     * the last batch of an epoch may be short; epoch ``e`` (if ``--tokens`` exceeds one epoch)
-       uses seed ``--seed + e``.
-   The RNG and the pool logic were checked against rand 0.8.8 and a verbatim copy of
+     * the last batch of an epoch may be short (and is then dropped, as ``scalpel train`` does).
+   The RNG, epoch_seed and the pool logic were checked against rand 0.8.8 and a verbatim copy of
    ``Batches::{refill,next}`` compiled in Rust (shuffles, 60k range draws, 3 batch streams with
    masked and partial shards: identical).
    Masking (as the Rust loader): a row (position ``r % context_size`` of its context) is kept
    iff its token id (shard tensor ``tokens``) is not in ``meta.exclude_token_ids`` and its position
    is kept by ``meta.seqpos_slice`` (Python slice semantics, ``None`` keeps all).
    ``--order sequential`` instead feeds the kept train rows in store order (shard 0 first), cut
-   into consecutive batches (no shuffle; not what ``StoreReader::batches`` does).
+   into consecutive batches (no shuffle; not what scalpel does).
+   scalpel's init sample (b_dec init, normalisation factor; Source::sample) is mirrored too: the
+   first ``--init-sample-rows`` rows of ``StoreReader::batches(hook, n, epoch_seed(seed,
+   u64::MAX), shuffle_buffer_shards)`` of the train split.
 4. Preloads the whole token budget (the concatenated batches) into one f32 tensor, *then* times
    only ``SAETrainer.fit()`` (SAELens's own trainer: Adam, grad-norm clipping at 1.0 - SAELens
    always clips -, constant LR unless warm-up/decay are given, AuxK with k_aux = d_in/2 and the
@@ -73,24 +79,26 @@ reading, masking and batch assembly (not timed in wall_s); ``final`` on the eval
 
 Hyperparameters (defaults): --lr 4e-4, --adam-beta1 0.9, --adam-beta2 0.999, --batch-size 4096,
 --tokens (required), --lr-warm-up-steps 0, --lr-decay-steps 0 (constant LR; SAELens's
-"constant" scheduler with warm-up/decay when nonzero, lr_end = lr/10), --seed 42 (torch init and
-the store shuffle), --k 32, --d-sae 9216, --dead-feature-window 1000000 tokens (SAELens counts
-steps: window_steps = tokens // batch_size), --normalize-activations none|expected_average_only_in
-(the scaling factor sqrt(d_in)/mean||x|| is estimated, as SAELens does, over the first
-n_batches_for_norm_estimate=1000 training batches - here at most the budget's batches, without
-consuming them), --b-dec-init zeros (SAELens 6.54 has no b_dec initialisation: b_dec starts at
-zero; ``mean`` sets b_dec to the mean of the first training batch, outside SAELens - to match,
-give scalpel's ``TopKTrainer::init_b_dec`` that first batch; geometric_median is not offered:
-SAELens 6.x has no b_dec initialisation at all), --rescale-acts-by-decoder-norm true (SAELens's
-TopK training default),
---aux-loss-coefficient 1.0 (SAELens default), --use-sparse-activations off (SAELens default; on
-this CPU build, torch 2.15, it fails in backward: aten::view has no SparseCPU kernel),
---decoder-init-norm 0.1 (SAELens default; W_enc starts as W_dec^T), --shuffle-buffer-shards 4
-(scalpel ``store bench`` default), --threads 2.
+"constant" scheduler with warm-up/decay when nonzero, lr_end = lr/10), --seed 42 (torch init,
+the data order and the init sample), --k 32, --d-sae 9216, --dead-feature-window 1000000 tokens
+(SAELens counts steps: window_steps = tokens // batch_size), --normalize-activations
+none|expected_average_only_in (the factor sqrt(d_in)/mean||x|| is computed as scalpel does, over
+the init sample, and handed to SAELens's ActivationScaler, which folds it into the weights at
+the end; SAELens itself would estimate it over 1000 provider batches), --b-dec-init zeros
+(SAELens 6.54 has no b_dec initialisation: b_dec starts at zero; ``mean`` and
+``geometric_median`` - scalpel's default; Weiszfeld from the mean in f64, 100 iterations, as
+scalpel's run/init.rs - set b_dec from the scaled init sample before SAETrainer starts, outside
+SAELens; give scalpel the same b_dec_init), --rescale-acts-by-decoder-norm true (SAELens's TopK
+training default), --aux-loss-coefficient 1.0 (SAELens default), --use-sparse-activations off
+(SAELens default; on this CPU build, torch 2.15, it fails in backward: aten::view has no
+SparseCPU kernel), --decoder-init-norm 0.1 (SAELens default; W_enc starts as W_dec^T),
+--shuffle-buffer-shards 16 (``scalpel train``'s default), --init-sample-rows 16384 (scalpel's),
+--threads 2.
 
 Measured (this 2-core machine, torch threads 2, otherwise idle, load average 1.1-1.9 of which
 2 is this run): d_in 576, d_sae 9216, k 32, batch 4096 trains at about 1.7-1.9k activations/s
-(49 steps: 1886/s; 20 steps: 1690/s).
+(49-step runs: 1886, 1794, 1768/s; a 20-step run: 1690/s). Under load 8 (a harvest and
+cargo builds beside it) the same run reached 636/s.
 
 Transcoders: SAELens 6.54 cannot train transcoders. Its Transcoder, SkipTranscoder and JumpReLU
 transcoder classes are inference-only (no TrainingSAE subclass, no training config, the trainer

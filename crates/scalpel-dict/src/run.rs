@@ -189,8 +189,7 @@ pub fn train(
 
     let resumed = match checkpoint::find(&cfg.out) {
         Some(dir) => {
-            let (state, trainers, logs) = checkpoint::load(&dir, &names)?;
-            checkpoint::check_same_config(&state.config, cfg, &dir)?;
+            let (state, trainers, logs) = checkpoint::load(&dir, &names, cfg)?;
             tracing::info!(
                 tokens = state.position.tokens,
                 steps = state.position.steps,

@@ -80,10 +80,6 @@ impl Activation {
         matches!(self, Activation::TopK | Activation::BatchTopK)
     }
 
-    /// Decoder rows kept at unit norm (TopK-style) rather than penalised by their norm.
-    fn unit_decoder(self) -> bool {
-        self.uses_k()
-    }
 }
 
 /// What is trained: the activation and the widths.
@@ -222,6 +218,13 @@ pub struct TrainConfig {
     pub init_threshold: f32,
     /// BatchTopK's threshold EMA rate.
     pub topk_threshold_lr: f32,
+    /// TopK and BatchTopK: SAELens's parameterisation instead of Gao et al.'s unit-norm decoder:
+    /// decoder rows start at norm 0.1 and are free, latents are ranked by `pre · ‖W_dec[j]‖`,
+    /// and the norms are folded into the saved weights (unit rows, as SAELens saves).
+    pub rescale_acts_by_decoder_norm: bool,
+    /// Scale the whole gradient down to this global L2 norm when it is larger (SAELens always
+    /// clips at 1.0); 0 disables clipping.
+    pub clip_grad_norm: f32,
 }
 
 impl Default for TrainConfig {
@@ -239,6 +242,8 @@ impl Default for TrainConfig {
             bandwidth: 0.05,
             init_threshold: 0.01,
             topk_threshold_lr: 0.01,
+            rescale_acts_by_decoder_norm: false,
+            clip_grad_norm: 0.0,
         }
     }
 }
@@ -266,6 +271,7 @@ impl TrainConfig {
             ("aux_coef", self.aux_coef),
             ("sparsity_coef", self.sparsity_coef),
             ("init_threshold", self.init_threshold),
+            ("clip_grad_norm", self.clip_grad_norm),
         ];
         for (field, v) in non_negative {
             if !(v.is_finite() && v >= 0.0) {
@@ -486,6 +492,37 @@ pub struct Trainer {
     pub tokens_seen: u64,
     /// `tokens_seen` at the end of the last step where each latent fired.
     last_fired: Vec<u64>,
+    /// The pre-activation buffer `[n, d_sae]`, kept between steps: at batch 4096 and 9216
+    /// latents it is 151 MB, and allocating it afresh each step costs a page fault per page.
+    scratch: Scratch,
+}
+
+/// A reusable buffer; cloning a trainer gives the clone an empty one.
+#[derive(Default)]
+struct Scratch(std::sync::Mutex<Vec<f32>>);
+
+impl Scratch {
+    fn take(&self) -> Vec<f32> {
+        self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+    }
+
+    fn put(&self, v: Vec<f32>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = v;
+        }
+    }
+}
+
+impl Clone for Scratch {
+    fn clone(&self) -> Self {
+        Scratch::default()
+    }
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scratch")
+    }
 }
 
 impl Trainer {
@@ -507,10 +544,11 @@ impl Trainer {
         } else {
             w_dec.clone()
         };
-        if !shape.activation.unit_decoder() {
+        let unit = unit_decoder(&shape, &train);
+        if !unit {
             w_dec.iter_mut().for_each(|v| *v *= 0.1);
         }
-        let w_enc_t = if !shape.activation.unit_decoder() && !shape.is_transcoder() {
+        let w_enc_t = if !unit && !shape.is_transcoder() {
             w_dec.clone()
         } else {
             w_enc_t
@@ -541,6 +579,7 @@ impl Trainer {
             steps: 0,
             tokens_seen: 0,
             last_fired: vec![0; d_sae],
+            scratch: Scratch::default(),
             shape,
             train,
         })
@@ -646,6 +685,11 @@ impl Trainer {
         } else {
             0
         };
+        let dead_idx: Vec<u32> = if k_aux > 0 {
+            (0..dead.len() as u32).filter(|&j| dead[j as usize]).collect()
+        } else {
+            Vec::new()
+        };
         let scale = 2.0 / n as f32;
         let aux_scale = self.train.aux_coef * scale;
         let half_band = 0.5 * self.train.bandwidth;
@@ -659,7 +703,11 @@ impl Trainer {
                 .collect()
         };
         // pre = xin W_enc + b_enc   [n, d_sae], W_enc read from its transpose w_enc_t [d_sae, d_in]
-        let mut pre_all: Vec<f32> = p.b_enc.repeat(n);
+        let mut pre_all = self.scratch.take();
+        pre_all.clear();
+        for _ in 0..n {
+            pre_all.extend_from_slice(&p.b_enc);
+        }
         matmul(
             n,
             d_sae,
@@ -669,6 +717,22 @@ impl Trainer {
             (&xin, 1, d_in as isize),
             (&p.w_enc_t, d_in as isize, 1),
         );
+        // SAELens's rescaling: rank latents by pre · ‖W_dec[j]‖ (pre_all holds the product from
+        // here on; an activation is the product divided by the norm again).
+        let rescale = act.uses_k() && self.train.rescale_acts_by_decoder_norm;
+        let w_norms: Vec<f32> = if act == Activation::Relu || rescale {
+            p.w_dec.par_chunks_exact(d_out).map(|r| dot(r, r).sqrt()).collect()
+        } else {
+            Vec::new()
+        };
+        if rescale {
+            pre_all.par_chunks_mut(d_sae).for_each(|row| {
+                for (v, nj) in row.iter_mut().zip(&w_norms) {
+                    *v *= nj;
+                }
+            });
+        }
+        let unscale = |j: u32, v: f32| if rescale { v / w_norms[j as usize] } else { v };
         // BatchTopK: the (n·k)-th largest positive pre-activation of the batch.
         let batch_threshold = if act == Activation::BatchTopK {
             let mut pos: Vec<f32> = pre_all.par_iter().copied().filter(|&v| v > 0.0).collect();
@@ -684,11 +748,6 @@ impl Trainer {
             0.0
         };
         let skip = self.skip_out(x, n);
-        let w_norms: Vec<f32> = if act == Activation::Relu {
-            p.w_dec.par_chunks_exact(d_out).map(|r| dot(r, r).sqrt()).collect()
-        } else {
-            Vec::new()
-        };
         let passes = y
             .par_chunks(d_out)
             .zip(pre_all.par_chunks(d_sae))
@@ -698,13 +757,17 @@ impl Trainer {
                 match act {
                     Activation::TopK => {
                         let (idx, val) = top_k(pre, k, |_| true);
-                        entries.extend(idx.into_iter().zip(val).map(|(j, v)| (j, v, ACTIVE)));
+                        entries.extend(
+                            idx.into_iter()
+                                .zip(val)
+                                .map(|(j, v)| (j, unscale(j, v), ACTIVE)),
+                        );
                     }
                     Activation::BatchTopK => entries.extend(
                         pre.iter()
                             .enumerate()
                             .filter(|(_, &v)| v > 0.0 && v >= batch_threshold)
-                            .map(|(j, &v)| (j as u32, v, ACTIVE)),
+                            .map(|(j, &v)| (j as u32, unscale(j as u32, v), ACTIVE)),
                     ),
                     Activation::Relu => entries.extend(
                         pre.iter()
@@ -735,7 +798,10 @@ impl Trainer {
                     if flags & ACTIVE != 0 {
                         axpy(f, row(&p.w_dec, j as usize, d_out), &mut yhat);
                         n_active += 1;
-                        min_active = min_active.min(f);
+                        // In the ranking's units (BatchTopK's saved threshold is compared with
+                        // the folded pre-activation).
+                        let ranked = if rescale { f * w_norms[j as usize] } else { f };
+                        min_active = min_active.min(ranked);
                         if act == Activation::Relu {
                             weighted_l1 += f as f64 * w_norms[j as usize] as f64;
                         }
@@ -750,7 +816,8 @@ impl Trainer {
                 }
                 // AuxK: the top k_aux dead latents reconstruct e = y − ŷ (detached).
                 let (daux, aux_sq_err) = if k_aux > 0 {
-                    let (ai, av) = top_k(pre, k_aux, |j| dead[j]);
+                    let (ai, av) = top_k_among(pre, k_aux, &dead_idx);
+                    let av: Vec<f32> = ai.iter().zip(av).map(|(&j, v)| unscale(j, v)).collect();
                     // ê − e = Σ a_j W_dec[j] + (ŷ − y)
                     let mut r: Vec<f32> = yhat.iter().zip(y).map(|(a, b)| a - b).collect();
                     for (&j, &a) in ai.iter().zip(&av) {
@@ -775,6 +842,7 @@ impl Trainer {
                 }
             })
             .collect();
+        self.scratch.put(pre_all);
         Forward { passes, xin }
     }
 
@@ -875,16 +943,18 @@ impl Trainer {
                     let xt = row(&xin, t as usize, d_in);
                     if flags & AUX != 0 {
                         // dL/dW_dec[j] += a_j dL/dê; dL/dpre_j = W_dec[j] · dL/dê.
-                        axpy(f, &pass.daux, gw_dec);
-                        let gj = dot(w_dec_j, &pass.daux);
+                        let gj = axpy_dot(f, &pass.daux, gw_dec, w_dec_j);
                         axpy(gj, xt, gw_enc);
                         *gb_enc += gj;
                         continue;
                     }
                     // dL/df_j through the reconstruction.
-                    let grec = dot(w_dec_j, &pass.dx);
+                    let grec = if flags & ACTIVE != 0 {
+                        axpy_dot(f, &pass.dx, gw_dec, w_dec_j)
+                    } else {
+                        dot(w_dec_j, &pass.dx)
+                    };
                     if flags & ACTIVE != 0 {
-                        axpy(f, &pass.dx, gw_dec);
                         let mut gpre = grec;
                         if act == Activation::Relu {
                             // λ/n ‖W_dec[j]‖ from the weighted L1 penalty.
@@ -1027,7 +1097,21 @@ impl Trainer {
                 "the gradient of {name}[{i}] is not finite or beyond 1e18"
             )));
         }
-        let unit = self.shape.activation.unit_decoder();
+        if self.train.clip_grad_norm > 0.0 {
+            // torch.nn.utils.clip_grad_norm_: one L2 norm over every gradient entry.
+            let sq: f64 = g
+                .all()
+                .iter()
+                .map(|(_, v)| v.par_iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum();
+            let coef = self.train.clip_grad_norm as f64 / (sq.sqrt() + 1e-6);
+            if coef < 1.0 {
+                for (_, v) in g.all_mut() {
+                    v.par_iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+                }
+            }
+        }
+        let unit = unit_decoder(&self.shape, &self.train);
         if unit {
             // Remove the gradient component parallel to each (unit) decoder row, since the row
             // is renormalised after the step anyway (Gao et al. §A).
@@ -1139,7 +1223,25 @@ impl Trainer {
         }
         cfg.metadata = metadata;
         let cpu = Device::Cpu;
-        let p = &self.params;
+        let folded;
+        let p = if self.shape.activation.uses_k() && self.train.rescale_acts_by_decoder_norm {
+            // pre'_j = ‖W_dec[j]‖ pre_j ranks as training did, and pre'_j W_dec[j]/‖W_dec[j]‖
+            // reconstructs the same: fold the norms into the encoder.
+            let mut q = self.params.clone();
+            for j in 0..d_sae {
+                let r = &mut q.w_dec[j * d_out..(j + 1) * d_out];
+                let norm = dot(r, r).sqrt().max(1e-12);
+                r.iter_mut().for_each(|v| *v /= norm);
+                q.w_enc_t[j * d_in..(j + 1) * d_in]
+                    .iter_mut()
+                    .for_each(|v| *v *= norm);
+                q.b_enc[j] *= norm;
+            }
+            folded = q;
+            &folded
+        } else {
+            &self.params
+        };
         let w_enc = (Tensor::from_slice(&p.w_enc_t, (d_sae, d_in), &cpu)?.t()?.contiguous()?
             * scale_in as f64)?;
         let inv_out = 1.0 / scale_out as f64;
@@ -1285,6 +1387,12 @@ struct CheckpointMeta {
     train: TrainConfig,
 }
 
+/// Decoder rows kept at unit norm (Gao et al.'s TopK) rather than free (SAELens's rescaled TopK,
+/// and ReLU / JumpReLU, whose penalties or thresholds set the scale).
+fn unit_decoder(shape: &DictShape, train: &TrainConfig) -> bool {
+    shape.activation.uses_k() && !train.rescale_acts_by_decoder_norm
+}
+
 /// `x [n, d]` as flat f32 rows, checked.
 fn rows(x: &Tensor, d: usize, what: &'static str) -> Result<(Vec<f32>, usize)> {
     if x.rank() != 2 || x.dims()[1] != d || x.dims()[0] == 0 {
@@ -1348,9 +1456,38 @@ fn matmul(
     }
 }
 
+/// The (at most) `k` largest positive entries of `pre` at indices `among`, as (indices, values).
+fn top_k_among(pre: &[f32], k: usize, among: &[u32]) -> (Vec<u32>, Vec<f32>) {
+    let mut cand: Vec<(u32, f32)> = among
+        .iter()
+        .map(|&j| (j, pre[j as usize]))
+        .filter(|&(_, p)| p > 0.0)
+        .collect();
+    if cand.len() > k {
+        cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+        cand.truncate(k);
+    }
+    cand.into_iter().unzip()
+}
+
 /// The (at most) `k` largest positive entries of `pre` among latents `keep` accepts, as
 /// (indices, values). Ties and order do not matter to the loss.
 fn top_k(pre: &[f32], k: usize, keep: impl Fn(usize) -> bool) -> (Vec<u32>, Vec<f32>) {
+    if k > 64 {
+        // Large k (AuxK): a running minimum would rescan k values per replacement; gather the
+        // candidates and partition once instead.
+        let mut cand: Vec<(u32, f32)> = pre
+            .iter()
+            .enumerate()
+            .filter(|&(j, &p)| p > 0.0 && keep(j))
+            .map(|(j, &p)| (j as u32, p))
+            .collect();
+        if cand.len() > k {
+            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            cand.truncate(k);
+        }
+        return cand.into_iter().unzip();
+    }
     // A running top-k with its minimum tracked: for k ≪ d_sae almost every entry is rejected by
     // one comparison.
     let mut idx: Vec<u32> = Vec::with_capacity(k);
@@ -1428,10 +1565,74 @@ fn dot_lanes<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `y += a x`.
+/// `y += a v` and `w · v` in one pass over `v` (the sparse backward's inner loop reads each
+/// token's gradient once per latent instead of twice).
+fn axpy_dot(a: f32, v: &[f32], y: &mut [f32], w: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features `axpy_dot_fma` is compiled for.
+        return unsafe { axpy_dot_fma(a, v, y, w) };
+    }
+    axpy_dot_lanes::<false>(a, v, y, w)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_dot_fma(a: f32, v: &[f32], y: &mut [f32], w: &[f32]) -> f32 {
+    axpy_dot_lanes::<true>(a, v, y, w)
+}
+
+#[inline(always)]
+fn axpy_dot_lanes<const FMA: bool>(a: f32, v: &[f32], y: &mut [f32], w: &[f32]) -> f32 {
+    const L: usize = 16;
+    let n = v.len().min(y.len()).min(w.len());
+    let (v, y, w) = (&v[..n], &mut y[..n], &w[..n]);
+    let mut acc = [0f32; L];
+    let split = n - n % L;
+    for ((vc, yc), wc) in v[..split]
+        .chunks_exact(L)
+        .zip(y[..split].chunks_exact_mut(L))
+        .zip(w[..split].chunks_exact(L))
+    {
+        for i in 0..L {
+            let ve = vc[i];
+            if FMA {
+                yc[i] = ve.mul_add(a, yc[i]);
+                acc[i] = ve.mul_add(wc[i], acc[i]);
+            } else {
+                yc[i] += a * ve;
+                acc[i] += ve * wc[i];
+            }
+        }
+    }
+    let mut tail = 0f32;
+    for i in split..n {
+        y[i] += a * v[i];
+        tail += v[i] * w[i];
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a x`, with AVX2 + FMA where the CPU has them (as [`dot`]).
 fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (ye, xe) in y.iter_mut().zip(x) {
-        *ye += a * xe;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features `axpy_fma` is compiled for.
+        return unsafe { axpy_fma(a, x, y) };
+    }
+    axpy_lanes::<false>(a, x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_fma(a: f32, x: &[f32], y: &mut [f32]) {
+    axpy_lanes::<true>(a, x, y)
+}
+
+#[inline(always)]
+fn axpy_lanes<const FMA: bool>(a: f32, x: &[f32], y: &mut [f32]) {
+    for (ye, &xe) in y.iter_mut().zip(x) {
+        *ye = if FMA { xe.mul_add(a, *ye) } else { *ye + a * xe };
     }
 }
 

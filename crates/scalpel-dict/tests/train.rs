@@ -116,6 +116,29 @@ fn topk_backward_matches_finite_differences() {
     assert!(checked > 100 && largest > 1e-2, "{checked} checked");
 }
 
+/// SAELens's parameterisation: free decoder norms, latents ranked by `pre · ‖W_dec[j]‖`.
+#[test]
+fn rescaled_topk_and_batchtopk_backward_match_finite_differences() {
+    for act in [Activation::TopK, Activation::BatchTopK] {
+        let train = TrainConfig {
+            rescale_acts_by_decoder_norm: true,
+            ..no_aux()
+        };
+        let mut t = Trainer::new(DictShape::sae(act, 6, 10, 3), train, 7).unwrap();
+        perturb_biases(&mut t);
+        for (i, v) in t.params.w_dec.iter_mut().enumerate() {
+            *v *= 0.2 + ((i / 6) * 7 % 10) as f32 * 0.6;
+        }
+        let x = randn(8, 6, 131);
+        // The ranking differs from the unscaled one: the norms matter.
+        let mut plain = t.clone();
+        plain.train.rescale_acts_by_decoder_norm = false;
+        assert_ne!(plain.selection(&x, None).unwrap(), t.selection(&x, None).unwrap());
+        let (checked, largest) = check_gradients(&t, &x, None, &SAE_PARAMS, |_, _| true);
+        assert!(checked > 100 && largest > 1e-2, "{act:?}: {checked} checked");
+    }
+}
+
 #[test]
 fn batchtopk_backward_matches_finite_differences() {
     let mut t = Trainer::new(DictShape::sae(Activation::BatchTopK, 6, 10, 3), no_aux(), 2).unwrap();
@@ -288,16 +311,36 @@ fn transcoder_backward_matches_finite_differences() {
 #[test]
 fn saved_dictionary_reproduces_the_trainer() {
     let scale = 2.5f32;
-    for shape in [
+    let rescaled = TrainConfig {
+        rescale_acts_by_decoder_norm: true,
+        ..TrainConfig::default()
+    };
+    for (shape, train) in [
+        (DictShape::sae(Activation::TopK, 20, 40, 5), rescaled.clone()),
+        (
+            DictShape::transcoder(Activation::TopK, 20, 40, 5, 12, true),
+            rescaled,
+        ),
+    ]
+    .into_iter()
+    .chain(
+        [
         DictShape::sae(Activation::TopK, 20, 40, 5),
         DictShape::sae(Activation::Relu, 20, 40, 0),
         DictShape::sae(Activation::JumpRelu, 20, 40, 0),
         DictShape::transcoder(Activation::TopK, 20, 40, 5, 12, true),
         DictShape::transcoder(Activation::JumpRelu, 20, 40, 0, 12, false),
         DictShape::transcoder(Activation::Relu, 20, 40, 0, 12, true),
-    ] {
-        let mut t = Trainer::new(shape.clone(), TrainConfig::default(), 2).unwrap();
+        ]
+        .into_iter()
+        .map(|s| (s, TrainConfig::default())),
+    ) {
+        let mut t = Trainer::new(shape.clone(), train, 2).unwrap();
         perturb_biases(&mut t);
+        // Rows of different norms (only the free-norm parameterisations keep them).
+        for (i, v) in t.params.w_dec.iter_mut().enumerate() {
+            *v *= 1.0 + (i / shape.d_out()) as f32 * 0.05;
+        }
         for (i, w) in t.params.w_skip.iter_mut().enumerate() {
             *w = 0.05 * ((i % 7) as f32 - 3.0);
         }
@@ -672,13 +715,21 @@ fn bad_settings_name_the_field() {
     assert!(e.unwrap_err().to_string().contains("[4, 7]"));
 }
 
-/// Throughput at SmolLM2-135M's width; prints activations per second.
+/// Throughput at SmolLM2-135M's width; prints activations per second. `SCALPEL_BENCH_DEAD=1`
+/// makes every latent dead, so AuxK (k_aux 288) runs on every token.
 #[test]
 #[ignore = "benchmark: prints throughput, asserts nothing"]
 fn throughput_d576_dsae9216_k32() {
     let (d, d_sae, k, batch, steps) = (576, 9216, 32, 4096, 4);
-    let mut t = Trainer::new(DictShape::sae(Activation::TopK, d, d_sae, k), TrainConfig::default(), 0)
-        .unwrap();
+    let all_dead = std::env::var("SCALPEL_BENCH_DEAD").is_ok();
+    let train = TrainConfig {
+        k_aux: 288,
+        dead_window: if all_dead { 0 } else { 1_000_000 },
+        rescale_acts_by_decoder_norm: true,
+        clip_grad_norm: 1.0,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(DictShape::sae(Activation::TopK, d, d_sae, k), train, 0).unwrap();
     let x = randn(batch, d, 117);
     let c = Coefficients::of(&t.train);
     t.init_b_dec_mean(&x).unwrap();
@@ -692,4 +743,38 @@ fn throughput_d576_dsae9216_k32() {
         "d {d}, d_sae {d_sae}, k {k}: {:.0} activations/s",
         (steps * batch) as f64 / secs
     );
+}
+
+/// Clipping at a norm above the gradient's changes nothing; clipping below it changes the
+/// Adam moments (the second step sees a rescaled history), and a negative limit is refused.
+#[test]
+fn gradient_clipping() {
+    let shape = DictShape::sae(Activation::TopK, 8, 16, 2);
+    let run = |clip: f32| {
+        let train = TrainConfig {
+            clip_grad_norm: clip,
+            lr: 1e-2,
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(shape.clone(), train, 3).unwrap();
+        for i in 0..3 {
+            let x = (randn(16, 8, 400 + i) * (1.0 + 10.0 * i as f64)).unwrap();
+            t.step(&x, None, Coefficients::of(&t.train)).unwrap();
+        }
+        t.params
+    };
+    let (off, loose, tight) = (run(0.0), run(1e30), run(1e-3));
+    assert_eq!(off, loose);
+    assert_ne!(off, tight);
+    let e = Trainer::new(
+        shape.clone(),
+        TrainConfig {
+            clip_grad_norm: -1.0,
+            ..TrainConfig::default()
+        },
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("clip_grad_norm"), "{e}");
 }

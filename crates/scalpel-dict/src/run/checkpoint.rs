@@ -89,8 +89,13 @@ pub fn save(
     Ok(())
 }
 
-/// Reads the checkpoint in `dir`: the state, then each dictionary's trainer and log.
-pub fn load(dir: &Path, names: &[String]) -> Result<(State, Vec<Trainer>, Vec<Vec<LogRow>>)> {
+/// Reads the checkpoint in `dir`: the state (refused when written by a config other than `now`),
+/// then each dictionary's trainer and log.
+pub fn load(
+    dir: &Path,
+    names: &[String],
+    now: &RunConfig,
+) -> Result<(State, Vec<Trainer>, Vec<Vec<LogRow>>)> {
     let path = dir.join(STATE);
     let text = fs::read_to_string(&path).map_err(io(&path))?;
     let state: State = serde_json::from_str(&text).map_err(|e| DictError::Config {
@@ -108,6 +113,7 @@ pub fn load(dir: &Path, names: &[String]) -> Result<(State, Vec<Trainer>, Vec<Ve
             ),
         });
     }
+    check_same_config(&state.config, now, dir)?;
     let mut trainers = Vec::with_capacity(names.len());
     let mut logs = Vec::with_capacity(names.len());
     for name in names {

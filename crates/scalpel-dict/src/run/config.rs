@@ -182,6 +182,10 @@ train_overrides! {
     init_threshold: f32,
     /// BatchTopK: learning rate of the inference threshold.
     topk_threshold_lr: f32,
+    /// TopK/BatchTopK: SAELens's free decoder norms, ranking by pre · ‖W_dec row‖.
+    rescale_acts_by_decoder_norm: bool,
+    /// Clip the gradient's global L2 norm to this (0: no clipping; SAELens clips at 1.0).
+    clip_grad_norm: f32,
 }
 
 /// One dictionary of the run.
@@ -534,6 +538,10 @@ shuffle_buffer_rows = 65_536
 # bandwidth = 0.05        # jumprelu straight-through bandwidth
 # init_threshold = 0.01   # jumprelu initial threshold
 # topk_threshold_lr = 0.01 # batchtopk: the inference threshold's running-average rate
+# rescale_acts_by_decoder_norm = false # topk, batchtopk: true = SAELens's free decoder norms
+#                                      # (start 0.1, latents ranked by pre * |W_dec row|);
+#                                      # false = unit-norm decoder rows (Gao et al. 2024)
+# clip_grad_norm = 0.0    # clip the gradient's global L2 norm (SAELens always clips at 1.0)
 
 [[dict]]
 # Directory name under `out`.
