@@ -771,9 +771,7 @@ impl StoreReader {
             d,
             batch_size,
             capacity_rows,
-            shards: Vec::new(),
-            left: Vec::new(),
-            pool: Vec::with_capacity(capacity_rows.min(self.n_rows())),
+            pool: Vec::new(),
             rng,
             failed: false,
         })
@@ -957,14 +955,12 @@ pub struct Batches {
     batch_size: usize,
     /// Rows the pool may hold before the next shard is taken (`shuffle_buffer_shards` full shards).
     capacity_rows: usize,
-    /// Received shards' rows, `[rows, d]` row-major; a shard's buffer is freed once all its
-    /// rows are drawn.
-    shards: Vec<Vec<f32>>,
-    /// Rows left to draw from each received shard.
-    left: Vec<usize>,
-    /// The pool: (shard, row) of every row not yet yielded. Rows are never copied into a pool,
-    /// only indexed.
-    pool: Vec<(u32, u32)>,
+    /// The pool: every received row not yet yielded, `[rows, d]` row-major. A drawn row's slot
+    /// takes the last row (a swap-remove), so memory stays at `capacity_rows` plus one shard.
+    /// (Indexing rows inside their shards instead would keep a shard alive until its last row is
+    /// drawn: with uniform draws that is about ln(rows per shard) pool lifetimes, ~9× the
+    /// buffer.)
+    pool: Vec<f32>,
     rng: StdRng,
     failed: bool,
 }
@@ -1016,7 +1012,7 @@ impl Batches {
     /// Takes shards while they fit in the pool (or the pool cannot fill a batch).
     fn refill(&mut self) -> Result<()> {
         while let Some(&rows) = self.pending_rows.front() {
-            let pool_rows = self.pool.len();
+            let pool_rows = self.pool.len() / self.d;
             if pool_rows + rows > self.capacity_rows && pool_rows >= self.batch_size {
                 break;
             }
@@ -1024,11 +1020,7 @@ impl Batches {
             let shard = lane.recv().map_err(|_| {
                 DataError::Input("activation store: shard loader thread stopped".into())
             })??;
-            let k = self.shards.len() as u32;
-            let n = shard.len() / self.d;
-            self.pool.extend((0..n as u32).map(|r| (k, r)));
-            self.shards.push(shard);
-            self.left.push(n);
+            self.pool.extend_from_slice(&shard);
             self.pending_rows.pop_front();
             self.received += 1;
         }
@@ -1048,21 +1040,21 @@ impl Iterator for Batches {
             return Some(Err(e));
         }
         let d = self.d;
-        let n = self.batch_size.min(self.pool.len());
+        let n = self.batch_size.min(self.pool.len() / d);
         if n == 0 {
             return None;
         }
         let mut out = Vec::with_capacity(n * d);
         for _ in 0..n {
-            // Draw a uniform row of the pool (swap-remove keeps the draw O(1)).
-            let i = self.rng.gen_range(0..self.pool.len());
-            let (k, r) = self.pool.swap_remove(i);
-            let (k, r) = (k as usize, r as usize);
-            out.extend_from_slice(&self.shards[k][r * d..(r + 1) * d]);
-            self.left[k] -= 1;
-            if self.left[k] == 0 {
-                self.shards[k] = Vec::new();
+            // Draw a uniform row of the pool; the last row fills its slot (swap-remove).
+            let rows = self.pool.len() / d;
+            let i = self.rng.gen_range(0..rows);
+            out.extend_from_slice(&self.pool[i * d..(i + 1) * d]);
+            let last = rows - 1;
+            if i != last {
+                self.pool.copy_within(last * d..rows * d, i * d);
             }
+            self.pool.truncate(last * d);
         }
         // [n, d]
         Some(Tensor::from_vec(out, (n, d), &Device::Cpu).map_err(DataError::from))
