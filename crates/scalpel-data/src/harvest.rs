@@ -125,12 +125,13 @@ where
     Ok(done)
 }
 
-/// Activations produced on the fly, for training without an on-disk store: rows of one hook,
-/// shuffled through a buffer of `buffer_rows`, in batches of `batch_size` (`[batch, d]`).
+/// Activations produced on the fly, for training without an on-disk store: rows of one hook (or
+/// of several, side by side: `[batch, Σ d]` in the order given, from one forward pass), shuffled
+/// through a buffer of `buffer_rows`, in batches of `batch_size`.
 pub struct ActivationStream<'m, I> {
     model: &'m Model,
     contexts: I,
-    hook: HookPoint,
+    hooks: Vec<HookPoint>,
     forward_batch: usize,
     batch_size: usize,
     buffer_rows: usize,
@@ -150,7 +151,35 @@ impl<'m, I: Iterator<Item = Result<Vec<u32>>>> ActivationStream<'m, I> {
         buffer_rows: usize,
         seed: u64,
     ) -> Result<Self> {
-        hook_width(model, hook)?;
+        Self::new_multi(
+            model,
+            contexts,
+            &[hook],
+            forward_batch,
+            batch_size,
+            buffer_rows,
+            seed,
+        )
+    }
+
+    /// A stream of several hooks read in the same forward passes: each row is the hooks' rows
+    /// concatenated in the order of `hooks` (split them with `Tensor::narrow`), so every hook
+    /// sees the same tokens.
+    pub fn new_multi(
+        model: &'m Model,
+        contexts: I,
+        hooks: &[HookPoint],
+        forward_batch: usize,
+        batch_size: usize,
+        buffer_rows: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        if hooks.is_empty() {
+            return Err(DataError::Input("no hooks to stream".into()));
+        }
+        for &hook in hooks {
+            hook_width(model, hook)?;
+        }
         if batch_size == 0 || forward_batch == 0 || buffer_rows < batch_size {
             return Err(DataError::Input(
                 "batch sizes must be positive and the buffer at least one batch".into(),
@@ -159,7 +188,7 @@ impl<'m, I: Iterator<Item = Result<Vec<u32>>>> ActivationStream<'m, I> {
         Ok(ActivationStream {
             model,
             contexts,
-            hook,
+            hooks: hooks.to_vec(),
             forward_batch,
             batch_size,
             buffer_rows,
@@ -182,10 +211,11 @@ impl<'m, I: Iterator<Item = Result<Vec<u32>>>> ActivationStream<'m, I> {
             harvest(
                 self.model,
                 chunk.into_iter(),
-                &[self.hook],
+                &self.hooks,
                 self.forward_batch,
                 |_, acts| {
-                    rows.extend(acts[0].1.to_vec2::<f32>()?);
+                    let parts: Vec<Tensor> = acts.iter().map(|(_, t)| t.clone()).collect();
+                    rows.extend(Tensor::cat(&parts, 1)?.to_vec2::<f32>()?);
                     Ok(())
                 },
                 |_| {},

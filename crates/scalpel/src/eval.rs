@@ -95,13 +95,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         .with_context(|| format!("loading dictionary `{}`", args.dict.display()))?;
     let lm = args.model.load()?;
     let model = &lm.model;
-    if args.context_size > model.config().n_ctx {
-        bail!(
-            "--context-size {} is longer than the model's context of {}",
-            args.context_size,
-            model.config().n_ctx
-        );
-    }
+    crate::model::check_context_size(model, args.context_size)?;
     // Check the hooks and widths before reading any text.
     eval::eval_points(model, &sae, args.hook.as_deref())?;
     let tokenizer = lm.tokenizer()?;

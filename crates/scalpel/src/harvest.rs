@@ -115,13 +115,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     }
     let lm = args.model.load()?;
     let model = &lm.model;
-    if args.context_size > model.config().n_ctx {
-        bail!(
-            "--context-size {} is longer than the model's context of {}",
-            args.context_size,
-            model.config().n_ctx
-        );
-    }
+    crate::model::check_context_size(model, args.context_size)?;
     let tokenizer = lm.tokenizer()?;
     let hooks: Vec<HookPoint> = args
         .hooks

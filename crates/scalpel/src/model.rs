@@ -32,3 +32,17 @@ impl ModelArgs {
         Ok(loaded)
     }
 }
+
+/// Refuses a `--context-size` longer than the model's context.
+pub fn check_context_size(
+    model: &scalpel_models::transformer::Model,
+    context_size: usize,
+) -> anyhow::Result<()> {
+    let n_ctx = model.config().n_ctx;
+    if context_size > n_ctx {
+        anyhow::bail!(
+            "--context-size {context_size} is longer than the model's context of {n_ctx}"
+        );
+    }
+    Ok(())
+}

@@ -244,21 +244,50 @@ impl Source {
                     prepend_bos: cfg.prepend_bos,
                     ..PackingConfig::default()
                 };
-                let mut iters = Vec::with_capacity(hooks.len());
-                for h in hooks {
-                    let docs = corpus::open(corpus, &cfg.text_field)?;
-                    let contexts = Packer::new(tokenizer, &packing, docs)?;
-                    iters.push(ActivationStream::new(
-                        &lm.model,
-                        contexts,
-                        self.hook_point(lm, h)?,
-                        cfg.forward_batch,
-                        batch,
-                        cfg.shuffle_buffer_rows.max(batch),
-                        seed,
-                    )?);
+                // One forward pass serves every hook: the stream yields the hooks' rows side by
+                // side, split here.
+                let points = hooks
+                    .iter()
+                    .map(|h| self.hook_point(lm, h))
+                    .collect::<Result<Vec<_>>>()?;
+                let widths = points
+                    .iter()
+                    .map(|&p| hook_width(&lm.model, p))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let docs = corpus::open(corpus, &cfg.text_field)?;
+                let contexts = Packer::new(tokenizer, &packing, docs)?;
+                let stream = ActivationStream::new_multi(
+                    &lm.model,
+                    contexts,
+                    &points,
+                    cfg.forward_batch,
+                    batch,
+                    cfg.shuffle_buffer_rows.max(batch),
+                    seed,
+                )?;
+                let split = stream.map(|x| {
+                    let x = x?;
+                    let mut at = 0;
+                    widths
+                        .iter()
+                        .map(|&d| {
+                            let part = x.narrow(1, at, d)?.contiguous();
+                            at += d;
+                            part
+                        })
+                        .collect::<candle_core::Result<Vec<Tensor>>>()
+                        .map_err(scalpel_data::DataError::from)
+                });
+                for xs in split {
+                    let xs = xs?;
+                    if xs[0].dim(0)? < batch && !partial {
+                        return Ok(());
+                    }
+                    if f(&xs)?.is_break() {
+                        return Ok(());
+                    }
                 }
-                lockstep(&mut iters, batch, partial, &mut f)
+                Ok(())
             }
         }
     }
