@@ -43,7 +43,10 @@ impl Architecture {
         ("transcoder", Architecture::Transcoder),
         ("skip_transcoder", Architecture::SkipTranscoder),
         ("jumprelu_transcoder", Architecture::JumpreluTranscoder),
-        ("jumprelu_skip_transcoder", Architecture::JumpreluSkipTranscoder),
+        (
+            "jumprelu_skip_transcoder",
+            Architecture::JumpreluSkipTranscoder,
+        ),
         ("topk_transcoder", Architecture::TopkTranscoder),
         ("topk_skip_transcoder", Architecture::TopkSkipTranscoder),
     ];

@@ -79,7 +79,6 @@ impl Activation {
     fn uses_k(self) -> bool {
         matches!(self, Activation::TopK | Activation::BatchTopK)
     }
-
 }
 
 /// What is trained: the activation and the widths.
@@ -284,7 +283,11 @@ impl TrainConfig {
             }
         }
         if !(self.topk_threshold_lr > 0.0 && self.topk_threshold_lr <= 1.0) {
-            return Err(err("topk_threshold_lr", self.topk_threshold_lr, "in (0, 1]"));
+            return Err(err(
+                "topk_threshold_lr",
+                self.topk_threshold_lr,
+                "in (0, 1]",
+            ));
         }
         Ok(())
     }
@@ -503,7 +506,10 @@ struct Scratch(std::sync::Mutex<Vec<f32>>);
 
 impl Scratch {
     fn take(&self) -> Vec<f32> {
-        self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
     }
 
     fn put(&self, v: Vec<f32>) {
@@ -571,7 +577,11 @@ impl Trainer {
             threshold,
             w_skip,
         };
-        let moments = params.all().iter().map(|(_, v)| Moments::new(v.len())).collect();
+        let moments = params
+            .all()
+            .iter()
+            .map(|(_, v)| Moments::new(v.len()))
+            .collect();
         Ok(Trainer {
             params,
             topk_threshold: 0.0,
@@ -686,7 +696,9 @@ impl Trainer {
             0
         };
         let dead_idx: Vec<u32> = if k_aux > 0 {
-            (0..dead.len() as u32).filter(|&j| dead[j as usize]).collect()
+            (0..dead.len() as u32)
+                .filter(|&j| dead[j as usize])
+                .collect()
         } else {
             Vec::new()
         };
@@ -721,7 +733,10 @@ impl Trainer {
         // here on; an activation is the product divided by the norm again).
         let rescale = act.uses_k() && self.train.rescale_acts_by_decoder_norm;
         let w_norms: Vec<f32> = if act == Activation::Relu || rescale {
-            p.w_dec.par_chunks_exact(d_out).map(|r| dot(r, r).sqrt()).collect()
+            p.w_dec
+                .par_chunks_exact(d_out)
+                .map(|r| dot(r, r).sqrt())
+                .collect()
         } else {
             Vec::new()
         };
@@ -738,8 +753,7 @@ impl Trainer {
             let mut pos: Vec<f32> = pre_all.par_iter().copied().filter(|&v| v > 0.0).collect();
             let keep = n * k;
             if pos.len() > keep {
-                let (_, nth, _) =
-                    pos.select_nth_unstable_by(keep - 1, |a, b| b.total_cmp(a));
+                let (_, nth, _) = pos.select_nth_unstable_by(keep - 1, |a, b| b.total_cmp(a));
                 *nth
             } else {
                 f32::MIN_POSITIVE
@@ -791,8 +805,7 @@ impl Trainer {
                     }
                 }
                 // ŷ = Σ_j f_j W_dec[j] + b_dec (+ skip); dL/dŷ = 2 (ŷ − y) / n
-                let mut yhat: Vec<f32> =
-                    p.b_dec.iter().zip(skip).map(|(b, s)| b + s).collect();
+                let mut yhat: Vec<f32> = p.b_dec.iter().zip(skip).map(|(b, s)| b + s).collect();
                 let (mut n_active, mut weighted_l1, mut min_active) = (0, 0f64, f32::INFINITY);
                 for &(j, f, flags) in &entries {
                     if flags & ACTIVE != 0 {
@@ -1107,7 +1120,8 @@ impl Trainer {
             let coef = self.train.clip_grad_norm as f64 / (sq.sqrt() + 1e-6);
             if coef < 1.0 {
                 for (_, v) in g.all_mut() {
-                    v.par_iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+                    v.par_iter_mut()
+                        .for_each(|x| *x = (*x as f64 * coef) as f32);
                 }
             }
         }
@@ -1134,8 +1148,8 @@ impl Trainer {
             .iter()
             .map(|(_, v)| v.par_iter().map(|x| x.abs()).reduce(|| 0.0, f32::max))
             .fold(0f32, f32::max) as f64;
-        let safe = c.lr as f64 * 1e3 * (1.0 + self.train.weight_decay as f64 * max_p) + max_p
-            < 1e30;
+        let safe =
+            c.lr as f64 * 1e3 * (1.0 + self.train.weight_decay as f64 * max_p) + max_p < 1e30;
         let before = (!safe).then(|| (self.params.clone(), self.moments.clone()));
         let t = (self.steps + 1) as i32;
         let tc = &self.train;
@@ -1163,7 +1177,10 @@ impl Trainer {
         }
         if self.shape.activation == Activation::JumpRelu {
             // A negative threshold would let negative pre-activations through.
-            self.params.threshold.iter_mut().for_each(|t| *t = t.max(0.0));
+            self.params
+                .threshold
+                .iter_mut()
+                .for_each(|t| *t = t.max(0.0));
         }
         if let Some((name, i)) = self.params.first_non_finite() {
             let step = self.steps + 1;
@@ -1242,7 +1259,9 @@ impl Trainer {
         } else {
             &self.params
         };
-        let w_enc = (Tensor::from_slice(&p.w_enc_t, (d_sae, d_in), &cpu)?.t()?.contiguous()?
+        let w_enc = (Tensor::from_slice(&p.w_enc_t, (d_sae, d_in), &cpu)?
+            .t()?
+            .contiguous()?
             * scale_in as f64)?;
         let inv_out = 1.0 / scale_out as f64;
         let mut tensors = vec![
@@ -1252,7 +1271,10 @@ impl Trainer {
                 "W_dec",
                 (Tensor::from_slice(&p.w_dec, (d_sae, d_out), &cpu)? * inv_out)?,
             ),
-            ("b_dec", (Tensor::from_slice(&p.b_dec, d_out, &cpu)? * inv_out)?),
+            (
+                "b_dec",
+                (Tensor::from_slice(&p.b_dec, d_out, &cpu)? * inv_out)?,
+            ),
         ];
         match self.shape.activation {
             Activation::JumpRelu => {
@@ -1290,11 +1312,20 @@ impl Trainer {
                 continue;
             }
             t.insert(name.into(), Tensor::from_slice(v, v.len(), &cpu)?);
-            t.insert(format!("adam_m.{name}"), Tensor::from_slice(&m.m, v.len(), &cpu)?);
-            t.insert(format!("adam_v.{name}"), Tensor::from_slice(&m.v, v.len(), &cpu)?);
+            t.insert(
+                format!("adam_m.{name}"),
+                Tensor::from_slice(&m.m, v.len(), &cpu)?,
+            );
+            t.insert(
+                format!("adam_v.{name}"),
+                Tensor::from_slice(&m.v, v.len(), &cpu)?,
+            );
         }
         let last: Vec<i64> = self.last_fired.iter().map(|&v| v as i64).collect();
-        t.insert("last_fired".into(), Tensor::from_vec(last, self.last_fired.len(), &cpu)?);
+        t.insert(
+            "last_fired".into(),
+            Tensor::from_vec(last, self.last_fired.len(), &cpu)?,
+        );
         let counters = vec![self.steps as i64, self.tokens_seen as i64];
         t.insert("counters".into(), Tensor::from_vec(counters, 2, &cpu)?);
         t.insert(
@@ -1321,12 +1352,11 @@ impl Trainer {
             path: meta_path.clone(),
             source,
         })?;
-        let meta: CheckpointMeta =
-            serde_json::from_str(&text).map_err(|e| DictError::Config {
-                source_name: meta_path.display().to_string(),
-                field: "(json)".into(),
-                reason: e.to_string(),
-            })?;
+        let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| DictError::Config {
+            source_name: meta_path.display().to_string(),
+            field: "(json)".into(),
+            reason: e.to_string(),
+        })?;
         let mut tr = Trainer::new(meta.shape, meta.train, 0)?;
         let path = dir.join(CHECKPOINT_TENSORS);
         let t = crate::saelens::read_safetensors(&path, &Device::Cpu)?;
@@ -1429,7 +1459,10 @@ fn matmul(
             (last as usize) < data.len()
         }
     };
-    assert!(reach(lhs, m, k) && reach(rhs, k, n), "matmul: operand too small");
+    assert!(
+        reach(lhs, m, k) && reach(rhs, k, n),
+        "matmul: operand too small"
+    );
     // SAFETY: the asserts above check that every index the strides reach lies inside its slice.
     unsafe {
         gemm::gemm(
@@ -1632,7 +1665,11 @@ unsafe fn axpy_fma(a: f32, x: &[f32], y: &mut [f32]) {
 #[inline(always)]
 fn axpy_lanes<const FMA: bool>(a: f32, x: &[f32], y: &mut [f32]) {
     for (ye, &xe) in y.iter_mut().zip(x) {
-        *ye = if FMA { xe.mul_add(a, *ye) } else { *ye + a * xe };
+        *ye = if FMA {
+            xe.mul_add(a, *ye)
+        } else {
+            *ye + a * xe
+        };
     }
 }
 

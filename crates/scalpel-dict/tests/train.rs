@@ -133,9 +133,15 @@ fn rescaled_topk_and_batchtopk_backward_match_finite_differences() {
         // The ranking differs from the unscaled one: the norms matter.
         let mut plain = t.clone();
         plain.train.rescale_acts_by_decoder_norm = false;
-        assert_ne!(plain.selection(&x, None).unwrap(), t.selection(&x, None).unwrap());
+        assert_ne!(
+            plain.selection(&x, None).unwrap(),
+            t.selection(&x, None).unwrap()
+        );
         let (checked, largest) = check_gradients(&t, &x, None, &SAE_PARAMS, |_, _| true);
-        assert!(checked > 100 && largest > 1e-2, "{act:?}: {checked} checked");
+        assert!(
+            checked > 100 && largest > 1e-2,
+            "{act:?}: {checked} checked"
+        );
     }
 }
 
@@ -145,7 +151,12 @@ fn batchtopk_backward_matches_finite_differences() {
     perturb_biases(&mut t);
     let x = randn(8, 6, 102);
     // Tokens keep different numbers of latents: the batch-level selection is in play.
-    let counts: Vec<usize> = t.selection(&x, None).unwrap().iter().map(Vec::len).collect();
+    let counts: Vec<usize> = t
+        .selection(&x, None)
+        .unwrap()
+        .iter()
+        .map(Vec::len)
+        .collect();
     assert!(counts.iter().any(|&c| c != 3), "{counts:?}");
     assert_eq!(counts.iter().sum::<usize>(), 8 * 3);
     let (checked, largest) = check_gradients(&t, &x, None, &SAE_PARAMS, |_, _| true);
@@ -190,9 +201,20 @@ fn jumprelu_backward_matches_finite_differences_and_the_estimator() {
     t.params.w_enc_t.iter_mut().for_each(|v| *v *= 10.0);
     let x = randn(n, d, 104);
     let sel = t.selection(&x, None).unwrap();
-    let in_window = sel.iter().flatten().filter(|(_, f)| f & SELECTED_WINDOW != 0).count();
-    let active = sel.iter().flatten().filter(|(_, f)| f & SELECTED_ACTIVE != 0).count();
-    assert!(in_window > 3 && active > 10, "window {in_window}, active {active}");
+    let in_window = sel
+        .iter()
+        .flatten()
+        .filter(|(_, f)| f & SELECTED_WINDOW != 0)
+        .count();
+    let active = sel
+        .iter()
+        .flatten()
+        .filter(|(_, f)| f & SELECTED_ACTIVE != 0)
+        .count();
+    assert!(
+        in_window > 3 && active > 10,
+        "window {in_window}, active {active}"
+    );
     let (checked, largest) = check_gradients(&t, &x, None, &SAE_PARAMS, |_, _| true);
     assert!(checked > 100 && largest > 1e-2, "{checked} checked");
 
@@ -205,9 +227,7 @@ fn jumprelu_backward_matches_finite_differences_and_the_estimator() {
     for xt in &xs {
         let xin: Vec<f32> = xt.iter().zip(&p.b_dec).map(|(a, b)| a - b).collect();
         let pre: Vec<f32> = (0..d_sae)
-            .map(|j| {
-                p.b_enc[j] + (0..d).map(|i| xin[i] * p.w_enc_t[j * d + i]).sum::<f32>()
-            })
+            .map(|j| p.b_enc[j] + (0..d).map(|i| xin[i] * p.w_enc_t[j * d + i]).sum::<f32>())
             .collect();
         let mut xhat = p.b_dec.clone();
         for j in 0..d_sae {
@@ -259,8 +279,10 @@ fn auxk_backward_matches_finite_differences() {
     let sel = t.selection(&x, None).unwrap();
     let in_top_k: Vec<bool> = (0..d_sae)
         .map(|j| {
-            sel.iter()
-                .any(|r| r.iter().any(|&(l, f)| l as usize == j && f & SELECTED_ACTIVE != 0))
+            sel.iter().any(|r| {
+                r.iter()
+                    .any(|&(l, f)| l as usize == j && f & SELECTED_ACTIVE != 0)
+            })
         })
         .collect();
     let only_aux: Vec<bool> = (0..d_sae).map(|j| dead[j] && !in_top_k[j]).collect();
@@ -316,7 +338,10 @@ fn saved_dictionary_reproduces_the_trainer() {
         ..TrainConfig::default()
     };
     for (shape, train) in [
-        (DictShape::sae(Activation::TopK, 20, 40, 5), rescaled.clone()),
+        (
+            DictShape::sae(Activation::TopK, 20, 40, 5),
+            rescaled.clone(),
+        ),
         (
             DictShape::transcoder(Activation::TopK, 20, 40, 5, 12, true),
             rescaled,
@@ -325,12 +350,12 @@ fn saved_dictionary_reproduces_the_trainer() {
     .into_iter()
     .chain(
         [
-        DictShape::sae(Activation::TopK, 20, 40, 5),
-        DictShape::sae(Activation::Relu, 20, 40, 0),
-        DictShape::sae(Activation::JumpRelu, 20, 40, 0),
-        DictShape::transcoder(Activation::TopK, 20, 40, 5, 12, true),
-        DictShape::transcoder(Activation::JumpRelu, 20, 40, 0, 12, false),
-        DictShape::transcoder(Activation::Relu, 20, 40, 0, 12, true),
+            DictShape::sae(Activation::TopK, 20, 40, 5),
+            DictShape::sae(Activation::Relu, 20, 40, 0),
+            DictShape::sae(Activation::JumpRelu, 20, 40, 0),
+            DictShape::transcoder(Activation::TopK, 20, 40, 5, 12, true),
+            DictShape::transcoder(Activation::JumpRelu, 20, 40, 0, 12, false),
+            DictShape::transcoder(Activation::Relu, 20, 40, 0, 12, true),
         ]
         .into_iter()
         .map(|s| (s, TrainConfig::default())),
@@ -386,7 +411,11 @@ fn batchtopk_saves_as_jumprelu_with_its_threshold() {
     let sae = t.to_sae(Metadata::default(), 1.0, 1.0).unwrap();
     assert_eq!(sae.cfg.architecture.name(), "jumprelu");
     let f = sae.encode(&data.batch(2048).unwrap()).unwrap();
-    let l0 = f.gt(0.0).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+    let l0 = f
+        .gt(0.0)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
     let l0 = l0.sum_all().unwrap().to_scalar::<f32>().unwrap() / 2048.0;
     assert!(
         l0 > 0.5 * k as f32 && l0 < 2.0 * k as f32,
@@ -432,7 +461,12 @@ fn mean_best_cosine(directions: &[Vec<f32>], w_dec: &[f32], d: usize) -> f64 {
         .map(|f| {
             let n = f.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
             rows.iter()
-                .map(|r| r.iter().zip(f).map(|(a, b)| (a * b / n) as f64).sum::<f64>())
+                .map(|r| {
+                    r.iter()
+                        .zip(f)
+                        .map(|(a, b)| (a * b / n) as f64)
+                        .sum::<f64>()
+                })
                 .fold(f64::MIN, f64::max)
         })
         .sum();
@@ -555,7 +589,12 @@ fn transcoder_recovers_feature_images() {
         .iter()
         .map(|f| {
             let f = Tensor::from_slice(f, (1, d), &cpu()).unwrap();
-            f.matmul(&m).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            f.matmul(&m)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
         })
         .collect();
     let train = TrainConfig {
@@ -575,7 +614,10 @@ fn transcoder_recovers_feature_images() {
     let cos = mean_best_cosine(&images, &t.params.w_dec, d_out);
     let x = data.batch(4096).unwrap();
     let ev = t.evaluate(&x, Some(&x.matmul(&m).unwrap())).unwrap();
-    eprintln!("transcoder: cosine {cos:.4}, ev {:.4}", ev.explained_variance);
+    eprintln!(
+        "transcoder: cosine {cos:.4}, ev {:.4}",
+        ev.explained_variance
+    );
     assert!(cos >= 0.9, "mean best cosine {cos}");
 }
 
@@ -621,9 +663,15 @@ fn resume_from_checkpoint_is_bit_exact() {
         assert_eq!(resumed.steps, 10);
         assert_eq!(resumed.tokens_seen, straight.tokens_seen);
         assert_eq!(resumed.dead(), straight.dead());
-        assert_eq!(resumed.topk_threshold.to_bits(), straight.topk_threshold.to_bits());
+        assert_eq!(
+            resumed.topk_threshold.to_bits(),
+            straight.topk_threshold.to_bits()
+        );
         for name in PARAM_NAMES {
-            let (a, b) = (resumed.params.get(name).unwrap(), straight.params.get(name).unwrap());
+            let (a, b) = (
+                resumed.params.get(name).unwrap(),
+                straight.params.get(name).unwrap(),
+            );
             assert!(
                 a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len(),
                 "{shape:?}: {name} differs after resume"
@@ -634,21 +682,31 @@ fn resume_from_checkpoint_is_bit_exact() {
 
 #[test]
 fn corrupt_checkpoint_is_named() {
-    let t = Trainer::new(DictShape::sae(Activation::TopK, 8, 16, 2), TrainConfig::default(), 0)
-        .unwrap();
+    let t = Trainer::new(
+        DictShape::sae(Activation::TopK, 8, 16, 2),
+        TrainConfig::default(),
+        0,
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     t.save_checkpoint(dir.path()).unwrap();
     let path = dir.path().join("trainer.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let e = Trainer::load_checkpoint(dir.path()).unwrap_err().to_string();
+    let e = Trainer::load_checkpoint(dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("trainer.safetensors"), "{e}");
 }
 
 #[test]
 fn non_finite_input_stops_with_the_step_and_keeps_the_weights() {
-    let mut t = Trainer::new(DictShape::sae(Activation::TopK, 8, 16, 2), TrainConfig::default(), 0)
-        .unwrap();
+    let mut t = Trainer::new(
+        DictShape::sae(Activation::TopK, 8, 16, 2),
+        TrainConfig::default(),
+        0,
+    )
+    .unwrap();
     let c = Coefficients::of(&t.train);
     t.step(&randn(4, 8, 113), None, c).unwrap();
     let before = t.params.clone();
@@ -661,7 +719,10 @@ fn non_finite_input_stops_with_the_step_and_keeps_the_weights() {
     assert_eq!(t.params, before);
     assert_eq!(t.steps, 1);
     // An absurd learning rate overflows the weights: refused, weights kept.
-    let huge = Coefficients { lr: 1e38, sparsity: 0.0 };
+    let huge = Coefficients {
+        lr: 1e38,
+        sparsity: 0.0,
+    };
     let mut blown = None;
     for _ in 0..5 {
         let before = t.params.clone();
@@ -675,43 +736,81 @@ fn non_finite_input_stops_with_the_step_and_keeps_the_weights() {
             }
         }
     }
-    assert!(blown.is_some(), "lr 1e38 on 1e30-sized inputs never diverged");
+    assert!(
+        blown.is_some(),
+        "lr 1e38 on 1e30-sized inputs never diverged"
+    );
 }
 
 #[test]
 fn bad_settings_name_the_field() {
     let cases: Vec<(DictShape, TrainConfig, &str)> = vec![
-        (DictShape::sae(Activation::TopK, 8, 16, 17), TrainConfig::default(), "k"),
-        (DictShape::sae(Activation::BatchTopK, 8, 16, 0), TrainConfig::default(), "k"),
-        (DictShape::sae(Activation::Relu, 0, 16, 0), TrainConfig::default(), "d_in"),
+        (
+            DictShape::sae(Activation::TopK, 8, 16, 17),
+            TrainConfig::default(),
+            "k",
+        ),
+        (
+            DictShape::sae(Activation::BatchTopK, 8, 16, 0),
+            TrainConfig::default(),
+            "k",
+        ),
+        (
+            DictShape::sae(Activation::Relu, 0, 16, 0),
+            TrainConfig::default(),
+            "d_in",
+        ),
         (
             DictShape::sae(Activation::Relu, 8, 16, 0),
-            TrainConfig { lr: -1e-3, ..TrainConfig::default() },
+            TrainConfig {
+                lr: -1e-3,
+                ..TrainConfig::default()
+            },
             "lr",
         ),
         (
             DictShape::sae(Activation::Relu, 8, 16, 0),
-            TrainConfig { beta2: 1.0, ..TrainConfig::default() },
+            TrainConfig {
+                beta2: 1.0,
+                ..TrainConfig::default()
+            },
             "beta2",
         ),
         (
             DictShape::sae(Activation::JumpRelu, 8, 16, 0),
-            TrainConfig { bandwidth: 0.0, ..TrainConfig::default() },
+            TrainConfig {
+                bandwidth: 0.0,
+                ..TrainConfig::default()
+            },
             "bandwidth",
         ),
         (
-            DictShape { skip: true, ..DictShape::sae(Activation::Relu, 8, 16, 0) },
+            DictShape {
+                skip: true,
+                ..DictShape::sae(Activation::Relu, 8, 16, 0)
+            },
             TrainConfig::default(),
             "skip",
         ),
     ];
     for (shape, train, field) in cases {
         let e = Trainer::new(shape, train, 0).unwrap_err().to_string();
-        assert!(e.contains(&format!("`{field}`")) || e.contains(field), "{field}: {e}");
+        assert!(
+            e.contains(&format!("`{field}`")) || e.contains(field),
+            "{field}: {e}"
+        );
     }
-    let mut t = Trainer::new(DictShape::sae(Activation::TopK, 8, 16, 2), TrainConfig::default(), 0)
-        .unwrap();
-    let e = t.step(&randn(4, 7, 116), None, Coefficients::of(&TrainConfig::default()));
+    let mut t = Trainer::new(
+        DictShape::sae(Activation::TopK, 8, 16, 2),
+        TrainConfig::default(),
+        0,
+    )
+    .unwrap();
+    let e = t.step(
+        &randn(4, 7, 116),
+        None,
+        Coefficients::of(&TrainConfig::default()),
+    );
     assert!(e.unwrap_err().to_string().contains("[4, 7]"));
 }
 

@@ -253,7 +253,12 @@ fn train_streams_from_the_model_and_resumes_a_finished_run() {
     // `float_roundtrip` reads every f64 back exactly).
     for (dir, before) in [&resid, &tc_dir].into_iter().zip(&log_bytes) {
         let after = std::fs::read(dir.join("training_log.jsonl")).unwrap();
-        assert_eq!(&after, before, "{}: training log changed on rerun", dir.display());
+        assert_eq!(
+            &after,
+            before,
+            "{}: training log changed on rerun",
+            dir.display()
+        );
     }
 
     // The human-readable summary of a rerun says where it resumed.
