@@ -1491,11 +1491,18 @@ fn matmul(
 
 /// The (at most) `k` largest positive entries of `pre` at indices `among`, as (indices, values).
 fn top_k_among(pre: &[f32], k: usize, among: &[u32]) -> (Vec<u32>, Vec<f32>) {
-    let mut cand: Vec<(u32, f32)> = among
-        .iter()
-        .map(|&j| (j, pre[j as usize]))
-        .filter(|&(_, p)| p > 0.0)
-        .collect();
+    largest(
+        among
+            .iter()
+            .map(|&j| (j, pre[j as usize]))
+            .filter(|&(_, p)| p > 0.0)
+            .collect(),
+        k,
+    )
+}
+
+/// The `k` largest of `cand` by value (all when fewer), by one partition.
+fn largest(mut cand: Vec<(u32, f32)>, k: usize) -> (Vec<u32>, Vec<f32>) {
     if cand.len() > k {
         cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
         cand.truncate(k);
@@ -1509,17 +1516,14 @@ fn top_k(pre: &[f32], k: usize, keep: impl Fn(usize) -> bool) -> (Vec<u32>, Vec<
     if k > 64 {
         // Large k (AuxK): a running minimum would rescan k values per replacement; gather the
         // candidates and partition once instead.
-        let mut cand: Vec<(u32, f32)> = pre
-            .iter()
-            .enumerate()
-            .filter(|&(j, &p)| p > 0.0 && keep(j))
-            .map(|(j, &p)| (j as u32, p))
-            .collect();
-        if cand.len() > k {
-            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-            cand.truncate(k);
-        }
-        return cand.into_iter().unzip();
+        return largest(
+            pre.iter()
+                .enumerate()
+                .filter(|&(j, &p)| p > 0.0 && keep(j))
+                .map(|(j, &p)| (j as u32, p))
+                .collect(),
+            k,
+        );
     }
     // A running top-k with its minimum tracked: for k ≪ d_sae almost every entry is rejected by
     // one comparison.
