@@ -352,6 +352,8 @@ fn saved_dictionary_reproduces_the_trainer() {
         [
             DictShape::sae(Activation::TopK, 20, 40, 5),
             DictShape::sae(Activation::Relu, 20, 40, 0),
+            // k above 64 takes the partition path of the top-k selection.
+            DictShape::sae(Activation::TopK, 20, 200, 80),
             DictShape::sae(Activation::JumpRelu, 20, 40, 0),
             DictShape::transcoder(Activation::TopK, 20, 40, 5, 12, true),
             DictShape::transcoder(Activation::JumpRelu, 20, 40, 0, 12, false),
