@@ -394,9 +394,7 @@ pub fn train(
             }
         }
         // The saved dictionary reads raw activations: its densities come from the raw sample.
-        let raw = &sample[hook_index(&d.hook)];
-        let x = Tensor::new(raw.clone(), &Device::Cpu)?;
-        let density = log_feature_density(&sae.encode(&x)?)?;
+        let density = log_feature_density(&sae, &sample[hook_index(&d.hook)])?;
         let dead_on_sample = density.iter().filter(|&&v| v <= -9.9).count();
         sae.sparsity = Some(Tensor::new(density, &Device::Cpu)?);
         let dir = cfg.out.join(&d.name);

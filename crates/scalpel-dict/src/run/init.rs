@@ -79,15 +79,26 @@ pub fn norm_scaling_factor(rows: &[Vec<f32>]) -> f32 {
     }
 }
 
-/// `log10(fraction of rows where each feature fires + 1e-10)` of features `f [n, d_sae]`, as
-/// SAELens's `log_feature_sparsity`.
-pub fn log_feature_density(f: &Tensor) -> Result<Vec<f32>> {
-    let (n, _) = f.dims2()?;
-    let fired = f.gt(0f32)?.to_dtype(candle_core::DType::F32)?.sum(0)?;
+/// `log10(fraction of rows where each feature fires + 1e-10)` of `sae` on `rows` (each of width
+/// `d_in`), as SAELens's `log_feature_sparsity`. Encodes 1024 rows at a time, so memory stays at
+/// `1024 × d_sae` features however many rows there are.
+pub fn log_feature_density(sae: &crate::Sae, rows: &[Vec<f32>]) -> Result<Vec<f32>> {
+    let mut fired = vec![0u64; sae.cfg.d_sae];
+    for chunk in rows.chunks(1024) {
+        let x = Tensor::new(chunk.to_vec(), &candle_core::Device::Cpu)?;
+        let f = sae
+            .encode(&x)?
+            .gt(0f32)?
+            .to_dtype(candle_core::DType::U32)?
+            .sum(0)?;
+        for (c, v) in fired.iter_mut().zip(f.to_vec1::<u32>()?) {
+            *c += u64::from(v);
+        }
+    }
+    let n = rows.len().max(1) as f64;
     Ok(fired
-        .to_vec1::<f32>()?
         .into_iter()
-        .map(|c| ((f64::from(c) / n.max(1) as f64) + 1e-10).log10() as f32)
+        .map(|c| ((c as f64 / n) + 1e-10).log10() as f32)
         .collect())
 }
 
