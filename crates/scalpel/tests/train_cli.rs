@@ -1,7 +1,7 @@
 //! `scalpel train` and `scalpel convert` end to end on a tiny activation store.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{Device, Tensor};
 use scalpel_data::store::{HookMeta, StoreDType, StoreMeta, StoreWriter};
@@ -9,23 +9,11 @@ use scalpel_dict::run::RunConfig;
 use scalpel_dict::{saelens, Architecture};
 use serde_json::Value;
 
-fn scalpel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_scalpel"))
-        .args(args)
-        .output()
-        .expect("the scalpel binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{scalpel, text};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("train-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("train-cli", name)
 }
 
 /// A store with hooks `a` (12 wide) and `b` (6 wide), 8 contexts of 16 tokens.

@@ -5,30 +5,17 @@
 //! changing anything.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::Device;
 use scalpel_dict::run::LogRow;
 use scalpel_dict::{saelens, Architecture};
 use serde_json::Value;
 
-fn scalpel(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_scalpel"))
-        .args(args)
-        .output()
-        .expect("the scalpel binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{scalpel, text};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("train-stream-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("train-stream", name)
 }
 
 /// A JSONL corpus of plain English documents, a few thousand tokens in all: enough for the
