@@ -8,6 +8,7 @@
 
 mod cache;
 mod error;
+pub mod gemm;
 mod hook_point;
 mod hooks;
 

@@ -34,6 +34,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use scalpel_core::gemm::matmul;
 use crate::synthetic::gaussian;
 use crate::{Architecture, DictConfig, DictError, Metadata, Result, Sae};
 
@@ -1439,54 +1440,6 @@ fn rows(x: &Tensor, d: usize, what: &'static str) -> Result<(Vec<f32>, usize)> {
 /// Row `j` of a row-major matrix of width `d`.
 fn row(w: &[f32], j: usize, d: usize) -> &[f32] {
     &w[j * d..(j + 1) * d]
-}
-
-/// `dst [m, n] (+)= lhs [m, k] · rhs [k, n]`, each operand given as (data, column stride, row
-/// stride), through the `gemm` crate on all rayon threads.
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: (&[f32], isize, isize),
-    rhs: (&[f32], isize, isize),
-) {
-    assert!(dst.len() >= m * n, "matmul: destination too small");
-    let reach = |(data, cs, rs): (&[f32], isize, isize), rows: usize, cols: usize| {
-        rows == 0 || cols == 0 || {
-            let last = (rows as isize - 1) * rs + (cols as isize - 1) * cs;
-            (last as usize) < data.len()
-        }
-    };
-    assert!(
-        reach(lhs, m, k) && reach(rhs, k, n),
-        "matmul: operand too small"
-    );
-    // SAFETY: the asserts above check that every index the strides reach lies inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.0.as_ptr(),
-            lhs.1,
-            lhs.2,
-            rhs.0.as_ptr(),
-            rhs.1,
-            rhs.2,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
 }
 
 /// The (at most) `k` largest positive entries of `pre` at indices `among`, as (indices, values).

@@ -13,6 +13,9 @@ pub enum Norm {
     RmsNorm,
     /// `(x - mean) / sqrt(var + eps) * w + b` (GPT-2).
     LayerNorm,
+    /// No normaliser at all (toy models such as the grokking transformer): the norm hooks and
+    /// weights do not exist.
+    None,
 }
 
 /// Position information.
@@ -132,6 +135,9 @@ impl Config {
         }
         if self.n_ctx == 0 {
             return bad("n_ctx must be positive".into());
+        }
+        if self.norm == Norm::None && self.final_norm {
+            return bad("final_norm needs a normaliser (norm is none)".into());
         }
         Ok(())
     }

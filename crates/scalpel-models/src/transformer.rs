@@ -136,7 +136,8 @@ fn stack(parts: &[&Linear]) -> Result<Option<(Linear, Vec<Linear>)>> {
 /// One transformer block.
 #[derive(Debug, Clone)]
 pub struct Block {
-    pub ln1: NormW,
+    /// Absent when the model has no normaliser (`Norm::None`).
+    pub ln1: Option<NormW>,
     pub attn: Attention,
     pub ln2: Option<NormW>,
     pub mlp: Option<MlpW>,
@@ -213,13 +214,16 @@ impl Model {
         cfg.validate()?;
         let (d, dh, h, kvh) = (cfg.d_model, cfg.d_head, cfg.n_heads, cfg.n_kv_heads);
         let dev = device;
-        let norm = |src: &mut dyn WeightSource, name: &str| -> Result<NormW> {
+        let norm = |src: &mut dyn WeightSource, name: &str| -> Result<Option<NormW>> {
+            if cfg.norm == Norm::None {
+                return Ok(None);
+            }
             let w = src.get(&format!("{name}.w"), &[d], dev)?;
             let b = match cfg.norm {
                 Norm::LayerNorm => Some(src.get(&format!("{name}.b"), &[d], dev)?),
-                Norm::RmsNorm => None,
+                Norm::RmsNorm | Norm::None => None,
             };
-            Ok(NormW { w, b })
+            Ok(Some(NormW { w, b }))
         };
         let w_e = src.get(names::EMBED, &[cfg.d_vocab, d], dev)?;
         let w_pos = match cfg.pos {
@@ -275,7 +279,7 @@ impl Model {
                             };
                         }
                     }
-                    (Some(norm(src, &p("ln2"))?), Some(mlp))
+                    (norm(src, &p("ln2"))?, Some(mlp))
                 }
             };
             blocks.push(Block {
@@ -286,7 +290,7 @@ impl Model {
             });
         }
         let ln_final = if cfg.final_norm {
-            Some(norm(src, "ln_final")?)
+            norm(src, "ln_final")?
         } else {
             None
         };
@@ -352,7 +356,11 @@ impl Model {
         let nrm = |n: &NormW| n.w.elem_count() + n.b.as_ref().map_or(0, |b| b.elem_count());
         let mut n = self.w_e.elem_count() + self.w_pos.as_ref().map_or(0, |t| t.elem_count());
         for b in &self.blocks {
-            n += nrm(&b.ln1) + lin(&b.attn.q) + lin(&b.attn.k) + lin(&b.attn.v) + lin(&b.attn.o);
+            n += b.ln1.as_ref().map_or(0, nrm)
+                + lin(&b.attn.q)
+                + lin(&b.attn.k)
+                + lin(&b.attn.v)
+                + lin(&b.attn.o);
             n += b.ln2.as_ref().map_or(0, nrm);
             if let Some(m) = &b.mlp {
                 n += m.gate.as_ref().map_or(0, lin) + lin(&m.w_in) + lin(&m.w_out);
@@ -377,6 +385,14 @@ impl Model {
         for l in 0..c.n_layers {
             for h in BlockHook::ALL {
                 let keep = match h {
+                    BlockHook::Ln1Scale
+                    | BlockHook::Ln1Normalized
+                    | BlockHook::Ln2Scale
+                    | BlockHook::Ln2Normalized
+                        if c.norm == Norm::None =>
+                    {
+                        false
+                    }
                     BlockHook::RotQ | BlockHook::RotK => rotary,
                     BlockHook::MlpPreLinear => gated,
                     BlockHook::ResidMid => c.mlp.is_some(),
@@ -633,7 +649,7 @@ impl Model {
 
         if let Some(ln) = &self.ln_final {
             x = self.norm(
-                ln,
+                Some(ln),
                 &x,
                 hooks,
                 HookPoint::LnFinalScale,
@@ -704,13 +720,16 @@ impl Model {
     /// are needed.
     fn norm(
         &self,
-        ln: &NormW,
+        ln: Option<&NormW>,
         x: &Tensor,
         hooks: &mut Hooks,
         scale_hp: HookPoint,
         norm_hp: HookPoint,
         grad: bool,
     ) -> Result<Tensor> {
+        let Some(ln) = ln else {
+            return Ok(x.clone());
+        };
         let eps = self.cfg.norm_eps;
         let out = if !grad && !hooks.wants(scale_hp) {
             let x = x.contiguous()?;
@@ -718,11 +737,12 @@ impl Model {
                 (Norm::RmsNorm, _) => candle_nn::ops::rms_norm(&x, &ln.w, eps as f32)?,
                 (Norm::LayerNorm, Some(b)) => candle_nn::ops::layer_norm(&x, &ln.w, b, eps as f32)?,
                 (Norm::LayerNorm, None) => unreachable!("LayerNorm weights always carry a bias"),
+                (Norm::None, _) => unreachable!("no weights are loaded without a normaliser"),
             }
         } else {
             let xc = match self.cfg.norm {
                 Norm::LayerNorm => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
-                Norm::RmsNorm => x.clone(),
+                Norm::RmsNorm | Norm::None => x.clone(),
             };
             let scale = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?; // [b, p, 1]
             let scale = hooks.apply(scale_hp, scale)?;
@@ -747,7 +767,7 @@ impl Model {
         let hp = |h| HookPoint::Block(l, h);
         let resid_pre = hooks.apply(hp(BlockHook::ResidPre), x)?;
         let n1 = self.norm(
-            &block.ln1,
+            block.ln1.as_ref(),
             &resid_pre,
             hooks,
             hp(BlockHook::Ln1Scale),
@@ -756,11 +776,11 @@ impl Model {
         )?;
         let (attn_out, kv) = self.attention(l, &block.attn, &n1, hooks, ctx, past_kv)?;
         let resid = (resid_pre + attn_out)?;
-        let out = match (&block.mlp, &block.ln2) {
-            (Some(mlp), Some(ln2)) => {
+        let out = match &block.mlp {
+            Some(mlp) => {
                 let resid_mid = hooks.apply(hp(BlockHook::ResidMid), resid)?;
                 let n2 = self.norm(
-                    ln2,
+                    block.ln2.as_ref(),
                     &resid_mid,
                     hooks,
                     hp(BlockHook::Ln2Scale),
@@ -771,7 +791,7 @@ impl Model {
                 let mlp_out = self.mlp(l, mlp, &mlp_in, hooks)?;
                 (resid_mid + mlp_out)?
             }
-            _ => resid,
+            None => resid,
         };
         Ok((hooks.apply(hp(BlockHook::ResidPost), out)?, kv))
     }

@@ -1,0 +1,859 @@
+//! A hand-written forward and backward pass of the core transformer, for the small models the
+//! toys grow.
+//!
+//! Training a 1- or 2-layer model through candle's autograd spends most of its time outside the
+//! arithmetic: a tensor allocation, a graph node and a thread hand-off per element-wise op. Here
+//! one step is a few dozen `gemm` calls plus loops over rows, and the last layer computes only
+//! the rows the loss reads (for modular addition, the "=" position: two thirds of the model's
+//! work is skipped). The function is the same as `scalpel_models::transformer::Model` on the same
+//! weights; `tests/fused.rs` checks logits against the model, gradients against candle's
+//! autograd through the model's differentiable path, and both against finite differences.
+//!
+//! Supported: LayerNorm or no normaliser, learned or no positions, multi-head attention without
+//! grouped keys (biases optional), no MLP or a ReLU MLP (biases optional), final normaliser
+//! optional, untied unembedding. Anything else reports [`Fused::supports`] false and trains
+//! through autograd.
+
+use std::collections::HashMap;
+
+use candle_core::{CpuStorage, Storage};
+use rayon::prelude::*;
+use scalpel_core::gemm::matmul;
+use scalpel_models::config::{Act, Config, Mlp, Norm, Pos};
+
+use crate::optim::AdamW;
+use crate::transformer::{row_grad, row_loss};
+use crate::{Result, ToyError};
+
+/// The fused trainer for one model shape.
+pub struct Fused {
+    cfg: Config,
+    pool: Pool,
+}
+
+/// Buffers kept from one step to the next. Allocating and freeing the same large vectors every
+/// step costs page faults and TLB shoot-downs that, in the profile, outweighed the arithmetic.
+#[derive(Default)]
+struct Pool(std::sync::Mutex<Vec<Vec<f32>>>);
+
+impl Pool {
+    /// A zero-filled vector of length `n`, reusing the smallest free buffer that fits.
+    fn zeros(&self, n: usize) -> Vec<f32> {
+        let mut v = {
+            let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.capacity() >= n)
+                .min_by_key(|(_, v)| v.capacity())
+                .map(|(i, _)| i);
+            match best {
+                Some(i) => free.swap_remove(i),
+                None => Vec::with_capacity(n),
+            }
+        };
+        v.clear();
+        v.resize(n, 0.0);
+        v
+    }
+
+    /// A copy of `x` in a pooled buffer.
+    fn copy(&self, x: &[f32]) -> Vec<f32> {
+        let mut v = self.zeros(x.len());
+        v.copy_from_slice(x);
+        v
+    }
+
+    fn give(&self, v: Vec<f32>) {
+        if v.capacity() > 0 {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+        }
+    }
+}
+
+/// `dst [m, n] = a [m, k] · wᵀ` with `w [n, k]` (a linear map stored `[out, in]`).
+fn mm_nt(dst: &mut [f32], a: &[f32], w: &[f32], m: usize, k: usize, n: usize, acc: bool) {
+    matmul(m, n, k, dst, acc, (a, 1, k as isize), (w, k as isize, 1));
+}
+
+/// `dst [m, n] = a [m, k] · w` with `w [k, n]`.
+fn mm_nn(dst: &mut [f32], a: &[f32], w: &[f32], m: usize, k: usize, n: usize, acc: bool) {
+    matmul(m, n, k, dst, acc, (a, 1, k as isize), (w, 1, n as isize));
+}
+
+/// `dst [m, n] += gᵀ · x` with `g [r, m]`, `x [r, n]` (a weight gradient).
+fn mm_tn(dst: &mut [f32], g: &[f32], x: &[f32], r: usize, m: usize, n: usize) {
+    matmul(m, n, r, dst, true, (g, m as isize, 1), (x, 1, n as isize));
+}
+
+/// `dst[j] += Σ_rows g[row, j]` (a bias gradient).
+fn sum_rows(dst: &mut [f32], g: &[f32]) {
+    for row in g.chunks_exact(dst.len()) {
+        for (d, x) in dst.iter_mut().zip(row) {
+            *d += x;
+        }
+    }
+}
+
+/// LayerNorm forward over rows of width `d`: returns (y, x̂, 1/σ).
+fn ln_fwd(
+    pool: &Pool,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    d: usize,
+    eps: f64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = x.len() / d;
+    let mut y = pool.zeros(x.len());
+    let mut xhat = pool.zeros(x.len());
+    let mut rstd = pool.zeros(rows);
+    y.par_chunks_mut(d)
+        .zip(xhat.par_chunks_mut(d))
+        .zip(rstd.par_iter_mut())
+        .zip(x.par_chunks(d))
+        .for_each(|(((y, xh), rs), x)| {
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let r = 1.0 / (var + eps).sqrt();
+            *rs = r as f32;
+            for j in 0..d {
+                xh[j] = ((x[j] as f64 - mean) * r) as f32;
+                y[j] = xh[j] * w[j] + b[j];
+            }
+        });
+    (y, xhat, rstd)
+}
+
+/// LayerNorm backward: adds into `dw`, `db`, returns dx.
+fn ln_bwd(
+    pool: &Pool,
+    dy: &[f32],
+    xhat: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> Vec<f32> {
+    let d = w.len();
+    for (dyr, xh) in dy.chunks_exact(d).zip(xhat.chunks_exact(d)) {
+        for j in 0..d {
+            dw[j] += dyr[j] * xh[j];
+            db[j] += dyr[j];
+        }
+    }
+    let mut dx = pool.zeros(dy.len());
+    dx.par_chunks_mut(d)
+        .zip(dy.par_chunks(d))
+        .zip(xhat.par_chunks(d))
+        .zip(rstd.par_iter())
+        .for_each(|(((dx, dy), xh), &r)| {
+            let mut m1 = 0f32;
+            let mut m2 = 0f32;
+            for j in 0..d {
+                let g = dy[j] * w[j];
+                m1 += g;
+                m2 += g * xh[j];
+            }
+            m1 /= d as f32;
+            m2 /= d as f32;
+            for j in 0..d {
+                dx[j] = r * (dy[j] * w[j] - m1 - xh[j] * m2);
+            }
+        });
+    dx
+}
+
+/// Rows `rows` of a `[n, d]` matrix.
+fn gather(pool: &Pool, x: &[f32], rows: &[usize], d: usize) -> Vec<f32> {
+    let mut out = pool.zeros(rows.len() * d);
+    for (o, &r) in out.chunks_exact_mut(d).zip(rows) {
+        o.copy_from_slice(&x[r * d..(r + 1) * d]);
+    }
+    out
+}
+
+/// What the forward pass keeps of one block for the backward pass.
+struct BlockCache {
+    /// Rows (token indices) this block computes outputs for; `None` = all.
+    rows: Option<Vec<usize>>,
+    /// Normalised input `[n, d]` and its LayerNorm statistics.
+    a: Vec<f32>,
+    ln1: Option<(Vec<f32>, Vec<f32>)>,
+    /// `[r, h·dh]`, `[n, h·dh]`, `[n, h·dh]`.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// `[b, h, p, p]` (rows not computed stay 0).
+    pattern: Vec<f32>,
+    /// `[r, h·dh]`
+    z: Vec<f32>,
+    /// MLP input `[r, d]`, LayerNorm statistics, pre-activation `[r, d_mlp]`, post `[r, d_mlp]`.
+    a2: Vec<f32>,
+    ln2: Option<(Vec<f32>, Vec<f32>)>,
+    pre: Vec<f32>,
+    post: Vec<f32>,
+}
+
+/// Read access to the current parameter values by canonical name.
+struct Params<'a>(HashMap<&'a str, &'a [f32]>);
+
+impl<'a> Params<'a> {
+    fn get(&self, name: &str) -> &'a [f32] {
+        self.0
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| panic!("fused trainer: no parameter {name} (checked in new)"))
+    }
+
+    fn opt(&self, name: &str) -> Option<&'a [f32]> {
+        self.0.get(name).copied()
+    }
+}
+
+/// Gradient buffers by canonical name.
+struct Grads(HashMap<String, Vec<f32>>);
+
+impl Grads {
+    fn get(&mut self, name: &str) -> &mut [f32] {
+        self.0
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("fused trainer: no gradient buffer {name}"))
+    }
+}
+
+impl Fused {
+    /// Whether the fused path implements this configuration.
+    pub fn supports(cfg: &Config) -> bool {
+        matches!(cfg.norm, Norm::LayerNorm | Norm::None)
+            && matches!(cfg.pos, Pos::Learned | Pos::None)
+            && matches!(cfg.mlp, None | Some(Mlp::Standard { act: Act::Relu }))
+            && cfg.n_kv_heads == cfg.n_heads
+            && !cfg.tied_embeddings
+    }
+
+    /// A trainer for `cfg`, or an error naming what is not supported.
+    pub fn new(cfg: &Config) -> Result<Self> {
+        if !Self::supports(cfg) {
+            return Err(ToyError::Config(format!(
+                "the fused trainer supports LayerNorm or no norm, learned or no positions, a ReLU \
+                 MLP or none, no grouped keys and an untied unembedding; got {cfg:?}"
+            )));
+        }
+        Ok(Fused {
+            cfg: cfg.clone(),
+            pool: Pool::default(),
+        })
+    }
+
+    /// Returns gradient buffers to the pool once the optimiser has used them.
+    pub fn recycle(&self, grads: Vec<Option<Vec<f32>>>) {
+        for g in grads.into_iter().flatten() {
+            self.pool.give(g);
+        }
+    }
+
+    /// Mean cross-entropy over the targeted tokens and the gradient of every parameter of `opt`
+    /// (in its order). `tokens` holds `batch` rows of equal length; `targets` one entry per
+    /// token.
+    pub fn loss_and_grads(
+        &self,
+        opt: &AdamW,
+        tokens: &[u32],
+        batch: usize,
+        targets: &[Option<u32>],
+    ) -> Result<(f64, Vec<Option<Vec<f32>>>)> {
+        let c = &self.cfg;
+        if batch == 0 || !tokens.len().is_multiple_of(batch) || targets.len() != tokens.len() {
+            return Err(ToyError::Config(format!(
+                "{} tokens and {} targets do not form {batch} equal rows",
+                tokens.len(),
+                targets.len()
+            )));
+        }
+        let p = tokens.len() / batch;
+        if p > c.n_ctx {
+            return Err(ToyError::Config(format!(
+                "rows of {p} tokens exceed the context of {}",
+                c.n_ctx
+            )));
+        }
+        if let Some(t) = tokens
+            .iter()
+            .chain(targets.iter().flatten())
+            .find(|&&t| t as usize >= c.d_vocab)
+        {
+            return Err(ToyError::Config(format!(
+                "token {t} is outside the vocabulary of {}",
+                c.d_vocab
+            )));
+        }
+        // Read locks on every parameter for the whole step.
+        let guards: Vec<_> = opt
+            .vars()
+            .map(|(name, v)| (name, v.as_tensor().storage_and_layout()))
+            .collect();
+        let mut map = HashMap::new();
+        for (name, (storage, layout)) in &guards {
+            let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
+                (&**storage, layout.contiguous_offsets())
+            else {
+                return Err(ToyError::Config(format!(
+                    "parameter {name} is not a contiguous f32 CPU tensor"
+                )));
+            };
+            map.insert(*name, &data[a..b]);
+        }
+        let w = Params(map);
+        let mut grads = Grads(
+            opt.vars()
+                .map(|(n, v)| (n.to_string(), self.pool.zeros(v.as_tensor().elem_count())))
+                .collect(),
+        );
+        let loss = self.run(&w, &mut grads, tokens, batch, p, targets)?;
+        drop(guards);
+        let out = opt
+            .vars()
+            .map(|(n, _)| grads.0.remove(n))
+            .collect::<Vec<_>>();
+        Ok((loss, out))
+    }
+
+    fn run(
+        &self,
+        w: &Params,
+        g: &mut Grads,
+        tokens: &[u32],
+        batch: usize,
+        p: usize,
+        targets: &[Option<u32>],
+    ) -> Result<f64> {
+        let c = &self.cfg;
+        let (d, v_sz) = (c.d_model, c.d_vocab);
+        let n = tokens.len();
+        let ln = c.norm == Norm::LayerNorm;
+        let target_rows: Vec<usize> = (0..n).filter(|&i| targets[i].is_some()).collect();
+        let counted = target_rows.len().max(1);
+
+        // Embeddings.
+        let w_e = w.get("embed.w");
+        let w_pos = w.opt("pos_embed.w");
+        let mut x = self.pool.zeros(n * d);
+        for (i, row) in x.chunks_exact_mut(d).enumerate() {
+            let e = &w_e[tokens[i] as usize * d..][..d];
+            row.copy_from_slice(e);
+            if let Some(wp) = w_pos {
+                for (r, pe) in row.iter_mut().zip(&wp[(i % p) * d..][..d]) {
+                    *r += pe;
+                }
+            }
+        }
+
+        // Blocks; the last computes only the targeted rows.
+        let mut caches = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let rows = if l + 1 == c.n_layers && target_rows.len() < n {
+                Some(target_rows.clone())
+            } else {
+                None
+            };
+            let (y, cache) = self.block_fwd(w, l, &x, batch, p, rows);
+            self.pool.give(std::mem::replace(&mut x, y));
+            caches.push(cache);
+        }
+        let r = x.len() / d; // rows out of the last block
+        let out_rows: Vec<usize> = match caches.last().and_then(|c| c.rows.clone()) {
+            Some(rows) => rows,
+            None => (0..n).collect(),
+        };
+
+        // Final norm and unembedding on the rows the loss reads.
+        let (xf, lnf) = if c.final_norm && ln {
+            let (y, xh, rs) = ln_fwd(
+                &self.pool,
+                &x,
+                w.get("ln_final.w"),
+                w.get("ln_final.b"),
+                d,
+                c.norm_eps,
+            );
+            (y, Some((xh, rs)))
+        } else {
+            (x, None)
+        };
+        let w_u = w.get("unembed.w");
+        let mut logits = self.pool.zeros(r * v_sz);
+        mm_nt(&mut logits, &xf, w_u, r, d, v_sz, false);
+        let scale = 1.0 / counted as f64;
+        let mut dlogits = self.pool.zeros(r * v_sz);
+        let loss: f64 = logits
+            .par_chunks(v_sz)
+            .zip(dlogits.par_chunks_mut(v_sz))
+            .zip(out_rows.par_iter())
+            .map(|((row, drow), &i)| match targets[i] {
+                Some(t) => {
+                    row_grad(row, t as usize, scale, drow);
+                    row_loss(row, t as usize)
+                }
+                None => 0.0,
+            })
+            .sum::<f64>()
+            / counted as f64;
+
+        // Backward.
+        mm_tn(g.get("unembed.w"), &dlogits, &xf, r, v_sz, d);
+        let mut dx = self.pool.zeros(r * d);
+        mm_nn(&mut dx, &dlogits, w_u, r, v_sz, d, false);
+        if let Some((xh, rs)) = &lnf {
+            let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+            let y = ln_bwd(
+                &self.pool,
+                &dx,
+                xh,
+                rs,
+                w.get("ln_final.w"),
+                &mut dw,
+                &mut db,
+            );
+            self.pool.give(std::mem::replace(&mut dx, y));
+            add(g.get("ln_final.w"), &dw);
+            add(g.get("ln_final.b"), &db);
+        }
+        self.pool.give(logits);
+        self.pool.give(dlogits);
+        self.pool.give(xf);
+        if let Some((xh, rs)) = lnf {
+            self.pool.give(xh);
+            self.pool.give(rs);
+        }
+        for l in (0..c.n_layers).rev() {
+            dx = self.block_bwd(w, g, l, &caches[l], dx, batch, p);
+        }
+        for cache in caches {
+            let BlockCache {
+                a,
+                ln1,
+                q,
+                k,
+                v,
+                pattern,
+                z,
+                a2,
+                ln2,
+                pre,
+                post,
+                ..
+            } = cache;
+            for buf in [a, q, k, v, pattern, z, a2, pre, post] {
+                self.pool.give(buf);
+            }
+            for (xh, rs) in [ln1, ln2].into_iter().flatten() {
+                self.pool.give(xh);
+                self.pool.give(rs);
+            }
+        }
+        let dwe = g.get("embed.w");
+        for (i, row) in dx.chunks_exact(d).enumerate() {
+            add(&mut dwe[tokens[i] as usize * d..][..d], row);
+        }
+        if w_pos.is_some() {
+            let dwp = g.get("pos_embed.w");
+            for (i, row) in dx.chunks_exact(d).enumerate() {
+                add(&mut dwp[(i % p) * d..][..d], row);
+            }
+        }
+        self.pool.give(dx);
+        Ok(loss)
+    }
+
+    /// One block forward on `x [n, d]`, output `[r, d]` for `rows` (all when `None`).
+    fn block_fwd(
+        &self,
+        w: &Params,
+        l: usize,
+        x: &[f32],
+        batch: usize,
+        p: usize,
+        rows: Option<Vec<usize>>,
+    ) -> (Vec<f32>, BlockCache) {
+        let c = &self.cfg;
+        let (d, h, dh) = (c.d_model, c.n_heads, c.d_head);
+        let hd = h * dh;
+        let n = x.len() / d;
+        let name = |s: &str| format!("blocks.{l}.{s}");
+        let ln = c.norm == Norm::LayerNorm;
+
+        let (a, ln1) = if ln {
+            let (y, xh, rs) = ln_fwd(
+                &self.pool,
+                x,
+                w.get(&name("ln1.w")),
+                w.get(&name("ln1.b")),
+                d,
+                c.norm_eps,
+            );
+            (y, Some((xh, rs)))
+        } else {
+            (self.pool.copy(x), None)
+        };
+        let a_r = match &rows {
+            Some(rs) => gather(&self.pool, &a, rs, d),
+            None => self.pool.copy(&a),
+        };
+        let r = a_r.len() / d;
+        let linear = |dst: &mut Vec<f32>, inp: &[f32], rows: usize, wn: &str, out: usize| {
+            self.pool
+                .give(std::mem::replace(dst, self.pool.zeros(rows * out)));
+            let win = inp.len() / rows.max(1);
+            mm_nt(
+                dst,
+                inp,
+                w.get(&name(&format!("{wn}.w"))),
+                rows,
+                win,
+                out,
+                false,
+            );
+            if let Some(b) = w.opt(&name(&format!("{wn}.b"))) {
+                for row in dst.chunks_exact_mut(out) {
+                    add(row, b);
+                }
+            }
+        };
+        let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        linear(&mut q, &a_r, r, "attn.q", hd);
+        self.pool.give(a_r);
+        linear(&mut k, &a, n, "attn.k", hd);
+        linear(&mut v, &a, n, "attn.v", hd);
+
+        // Attention, one sequence per task. Query rows of sequence s are the contiguous run of
+        // `rows` with token index in [s·p, (s+1)·p).
+        let q_pos = query_positions(&rows, batch, p);
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut pattern = self.pool.zeros(batch * h * p * p);
+        let mut z = self.pool.zeros(r * hd);
+        {
+            let z_chunks = split_rows(&mut z, &q_pos, hd);
+            pattern
+                .par_chunks_mut(h * p * p)
+                .zip(z_chunks.into_par_iter())
+                .enumerate()
+                .for_each(|(s, (pat, zs))| {
+                    let (q0, positions) = &q_pos[s];
+                    for (qi, &t) in positions.iter().enumerate() {
+                        let qrow = &q[(q0 + qi) * hd..][..hd];
+                        let zrow = &mut zs[qi * hd..][..hd];
+                        for head in 0..h {
+                            let qh = &qrow[head * dh..][..dh];
+                            let prow = &mut pat[(head * p + t) * p..][..p];
+                            let mut max = f32::NEG_INFINITY;
+                            for j in 0..=t {
+                                let kh = &k[((s * p + j) * hd + head * dh)..][..dh];
+                                let sc = dot(qh, kh) * scale;
+                                prow[j] = sc;
+                                max = max.max(sc);
+                            }
+                            let mut sum = 0f32;
+                            for pj in prow.iter_mut().take(t + 1) {
+                                *pj = (*pj - max).exp();
+                                sum += *pj;
+                            }
+                            let zh = &mut zrow[head * dh..][..dh];
+                            for j in 0..=t {
+                                prow[j] /= sum;
+                                let vh = &v[((s * p + j) * hd + head * dh)..][..dh];
+                                for e in 0..dh {
+                                    zh[e] += prow[j] * vh[e];
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+        let mut attn_out = Vec::new();
+        linear(&mut attn_out, &z, r, "attn.o", d);
+        let mut resid = match &rows {
+            Some(rs) => gather(&self.pool, x, rs, d),
+            None => self.pool.copy(x),
+        };
+        add(&mut resid, &attn_out);
+        self.pool.give(attn_out);
+
+        let (mut a2, mut ln2, mut pre, mut post) = (Vec::new(), None, Vec::new(), Vec::new());
+        if c.mlp.is_some() {
+            let m = c.d_mlp;
+            if ln {
+                let (y, xh, rs) = ln_fwd(
+                    &self.pool,
+                    &resid,
+                    w.get(&name("ln2.w")),
+                    w.get(&name("ln2.b")),
+                    d,
+                    c.norm_eps,
+                );
+                a2 = y;
+                ln2 = Some((xh, rs));
+            } else {
+                a2 = self.pool.copy(&resid);
+            }
+            linear(&mut pre, &a2, r, "mlp.in", m);
+            post = self.pool.zeros(pre.len());
+            post.par_iter_mut()
+                .zip(pre.par_iter())
+                .for_each(|(o, &x)| *o = x.max(0.0));
+            let mut out = Vec::new();
+            linear(&mut out, &post, r, "mlp.out", d);
+            add(&mut resid, &out);
+            self.pool.give(out);
+        }
+        let cache = BlockCache {
+            rows,
+            a,
+            ln1,
+            q,
+            k,
+            v,
+            pattern,
+            z,
+            a2,
+            ln2,
+            pre,
+            post,
+        };
+        (resid, cache)
+    }
+
+    /// One block backward: `dy [r, d]` → gradient of the block's input `[n, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn block_bwd(
+        &self,
+        w: &Params,
+        g: &mut Grads,
+        l: usize,
+        cache: &BlockCache,
+        dy: Vec<f32>,
+        batch: usize,
+        p: usize,
+    ) -> Vec<f32> {
+        let c = &self.cfg;
+        let (d, h, dh) = (c.d_model, c.n_heads, c.d_head);
+        let hd = h * dh;
+        let n = batch * p;
+        let r = dy.len() / d;
+        let name = |s: &str| format!("blocks.{l}.{s}");
+        let ln = c.norm == Norm::LayerNorm;
+        // Linear backward: weight and bias gradients, input gradient (added into `dx`).
+        let lin_bwd = |g: &mut Grads,
+                       dout: &[f32],
+                       inp: &[f32],
+                       rows: usize,
+                       wn: &str,
+                       out: usize,
+                       dx: &mut [f32]| {
+            let inw = inp.len() / rows.max(1);
+            mm_tn(g.get(&name(&format!("{wn}.w"))), dout, inp, rows, out, inw);
+            if let Some(db) = g.0.get_mut(&name(&format!("{wn}.b"))) {
+                sum_rows(db, dout);
+            }
+            mm_nn(
+                dx,
+                dout,
+                w.get(&name(&format!("{wn}.w"))),
+                rows,
+                out,
+                inw,
+                true,
+            );
+        };
+
+        let mut dresid = dy; // gradient at the residual after attention, [r, d]
+        if c.mlp.is_some() {
+            let m = c.d_mlp;
+            let mut dpost = self.pool.zeros(r * m);
+            lin_bwd(g, &dresid, &cache.post, r, "mlp.out", d, &mut dpost);
+            let mut dpre = dpost;
+            dpre.par_iter_mut()
+                .zip(cache.pre.par_iter())
+                .for_each(|(gp, &x)| {
+                    if x <= 0.0 {
+                        *gp = 0.0
+                    }
+                });
+            let mut da2 = self.pool.zeros(r * d);
+            lin_bwd(g, &dpre, &cache.a2, r, "mlp.in", m, &mut da2);
+            self.pool.give(dpre);
+            let dmid = match &cache.ln2 {
+                Some((xh, rs)) if ln => {
+                    let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                    let dx = ln_bwd(
+                        &self.pool,
+                        &da2,
+                        xh,
+                        rs,
+                        w.get(&name("ln2.w")),
+                        &mut dw,
+                        &mut db,
+                    );
+                    self.pool.give(da2);
+                    add(g.get(&name("ln2.w")), &dw);
+                    add(g.get(&name("ln2.b")), &db);
+                    dx
+                }
+                _ => da2,
+            };
+            add(&mut dresid, &dmid);
+            self.pool.give(dmid);
+        }
+        // Attention output projection.
+        let mut dz = self.pool.zeros(r * hd);
+        lin_bwd(g, &dresid, &cache.z, r, "attn.o", d, &mut dz);
+
+        // Attention core, one sequence per task.
+        let q_pos = query_positions(&cache.rows, batch, p);
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut dq = self.pool.zeros(r * hd);
+        let mut dk = self.pool.zeros(n * hd);
+        let mut dv = self.pool.zeros(n * hd);
+        {
+            let dq_chunks = split_rows(&mut dq, &q_pos, hd);
+            let (q, k, v, pat) = (&cache.q, &cache.k, &cache.v, &cache.pattern);
+            let dz = &dz;
+            dq_chunks
+                .into_par_iter()
+                .zip(dk.par_chunks_mut(p * hd))
+                .zip(dv.par_chunks_mut(p * hd))
+                .enumerate()
+                .for_each(|(s, ((dqs, dks), dvs))| {
+                    let (q0, positions) = &q_pos[s];
+                    let mut dpat = self.pool.zeros(p);
+                    for (qi, &t) in positions.iter().enumerate() {
+                        let qrow = &q[(q0 + qi) * hd..][..hd];
+                        let dzrow = &dz[(q0 + qi) * hd..][..hd];
+                        for head in 0..h {
+                            let prow = &pat[(s * h + head) * p * p + t * p..][..p];
+                            let dzh = &dzrow[head * dh..][..dh];
+                            let mut weighted = 0f32;
+                            for j in 0..=t {
+                                let vh = &v[((s * p + j) * hd + head * dh)..][..dh];
+                                dpat[j] = dot(dzh, vh);
+                                weighted += prow[j] * dpat[j];
+                                let dvh = &mut dvs[j * hd + head * dh..][..dh];
+                                for e in 0..dh {
+                                    dvh[e] += prow[j] * dzh[e];
+                                }
+                            }
+                            let qh = &qrow[head * dh..][..dh];
+                            for j in 0..=t {
+                                let ds = prow[j] * (dpat[j] - weighted) * scale;
+                                if ds == 0.0 {
+                                    continue;
+                                }
+                                let kh = &k[((s * p + j) * hd + head * dh)..][..dh];
+                                let dqh = &mut dqs[qi * hd + head * dh..][..dh];
+                                for e in 0..dh {
+                                    dqh[e] += ds * kh[e];
+                                }
+                                let dkh = &mut dks[j * hd + head * dh..][..dh];
+                                for e in 0..dh {
+                                    dkh[e] += ds * qh[e];
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+        // q, k, v projections → gradient of the (normalised) input a.
+        let mut da = self.pool.zeros(n * d);
+        lin_bwd(g, &dk, &cache.a, n, "attn.k", hd, &mut da);
+        lin_bwd(g, &dv, &cache.a, n, "attn.v", hd, &mut da);
+        match &cache.rows {
+            Some(rows) => {
+                let a_r = gather(&self.pool, &cache.a, rows, d);
+                let mut da_r = self.pool.zeros(r * d);
+                lin_bwd(g, &dq, &a_r, r, "attn.q", hd, &mut da_r);
+                for (i, &row) in rows.iter().enumerate() {
+                    add(&mut da[row * d..][..d], &da_r[i * d..][..d]);
+                }
+                self.pool.give(a_r);
+                self.pool.give(da_r);
+            }
+            None => lin_bwd(g, &dq, &cache.a, n, "attn.q", hd, &mut da),
+        }
+        let mut dx = match &cache.ln1 {
+            Some((xh, rs)) if ln => {
+                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                let dx = ln_bwd(
+                    &self.pool,
+                    &da,
+                    xh,
+                    rs,
+                    w.get(&name("ln1.w")),
+                    &mut dw,
+                    &mut db,
+                );
+                self.pool.give(da);
+                add(g.get(&name("ln1.w")), &dw);
+                add(g.get(&name("ln1.b")), &db);
+                dx
+            }
+            _ => da,
+        };
+        // The residual path.
+        match &cache.rows {
+            Some(rows) => {
+                for (i, &row) in rows.iter().enumerate() {
+                    add(&mut dx[row * d..][..d], &dresid[i * d..][..d]);
+                }
+            }
+            None => add(&mut dx, &dresid),
+        }
+        for buf in [dresid, dz, dq, dk, dv] {
+            self.pool.give(buf);
+        }
+        dx
+    }
+}
+
+fn add(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Per sequence: the index of its first query row and the positions of its query rows.
+fn query_positions(rows: &Option<Vec<usize>>, batch: usize, p: usize) -> Vec<(usize, Vec<usize>)> {
+    match rows {
+        None => (0..batch).map(|s| (s * p, (0..p).collect())).collect(),
+        Some(rows) => {
+            let mut out: Vec<(usize, Vec<usize>)> = (0..batch).map(|_| (0, Vec::new())).collect();
+            for (i, &tok) in rows.iter().enumerate() {
+                let (s, t) = (tok / p, tok % p);
+                if out[s].1.is_empty() {
+                    out[s].0 = i;
+                }
+                out[s].1.push(t);
+            }
+            out
+        }
+    }
+}
+
+/// Splits a `[r, width]` buffer into each sequence's run of query rows.
+fn split_rows<'a>(
+    buf: &'a mut [f32],
+    q_pos: &[(usize, Vec<usize>)],
+    width: usize,
+) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(q_pos.len());
+    let mut rest = buf;
+    for (_, positions) in q_pos {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(positions.len() * width);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
