@@ -20,6 +20,8 @@
 //! model can find from position alone (attend to position 0): it belongs to the second half by
 //! its target, as the definition says.
 
+pub mod report;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -221,15 +223,16 @@ pub fn repeated_sequences(vocab: usize, half: usize, n: usize, seed: u64) -> Vec
     out
 }
 
-/// `n` training rows of `2·half` tokens: a random segment of length `k` (drawn per row
-/// uniformly from `min_segment..=half`) repeated cyclically, token `i` = segment`[i mod k]`.
+/// `n` training rows of `2·half` tokens: `2·(half − k)` random filler tokens, then a random
+/// segment of length `k` (drawn per row uniformly from `min_segment..=half`) twice.
 ///
 /// Why not always `k = half` (the evaluation format): with learned positions and a fixed period,
 /// "token `i + 1` equals token `i − (half − 1)`" holds in every sequence, and a single layer-0
 /// head learns to attend there *by position* within ~100 steps. That head has a perfect
 /// induction score and solves the task without any induction circuit (a one-layer model does
-/// it too). With the period varying per row only content-based induction works; the evaluation
-/// batch ([`repeated_sequences`]) is the `k = half` case.
+/// it too). With the repeat's position varying per row only content-based induction works; the
+/// evaluation batch ([`repeated_sequences`]) is the `k = half` case. (Repeating the segment
+/// cyclically instead opens other shortcuts: the model then detects the period.)
 pub fn training_sequences(
     vocab: usize,
     half: usize,
@@ -238,11 +241,20 @@ pub fn training_sequences(
     seed: u64,
 ) -> Vec<u32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(n * 2 * half);
+    let len = 2 * half;
+    let mut out = Vec::with_capacity(n * len);
     for _ in 0..n {
+        let row0 = out.len();
+        for _ in 0..len {
+            out.push(rng.gen_range(0..vocab as u32));
+        }
+        // A segment of length k copied from [a, a + k) to [b, b + k), b ≥ a + k: the distance
+        // between the copies varies from k to 2·half − k, so no fixed positional offset
+        // predicts the repeat; only matching content (induction) does.
         let k = rng.gen_range(min_segment.clamp(1, half)..=half);
-        let seg: Vec<u32> = (0..k).map(|_| rng.gen_range(0..vocab as u32)).collect();
-        out.extend((0..2 * half).map(|i| seg[i % k]));
+        let a = rng.gen_range(0..=len - 2 * k);
+        let b = rng.gen_range(a + k..=len - k);
+        out.copy_within(row0 + a..row0 + a + k, row0 + b);
     }
     out
 }
@@ -307,7 +319,10 @@ fn pattern_data(pattern: &Tensor) -> Result<(Vec<f32>, usize, usize, usize)> {
             "attention pattern must be square in positions, got [{b}, {h}, {p}, {pk}]"
         )));
     }
-    let data = pattern.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let data = pattern
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Ok((data, b, h, p))
 }
 
@@ -701,7 +716,11 @@ pub fn copying_scores(model: &Model, layer: usize) -> Result<Vec<f64>> {
             let hw = HeadWeights::new(model, layer, h)?;
             let full = w_e.matmul(&hw.ov()?)?.matmul(&w_u)?; // [v, v]
             let best = full.argmax(1)?.to_vec1::<u32>()?;
-            let hits = best.iter().enumerate().filter(|&(i, &j)| i == j as usize).count();
+            let hits = best
+                .iter()
+                .enumerate()
+                .filter(|&(i, &j)| i == j as usize)
+                .count();
             Ok(hits as f64 / c.d_vocab as f64)
         })
         .collect()
@@ -809,12 +828,11 @@ pub fn train(cfg: &InductionConfig, dir: Option<&Path>, on_step: OnStep) -> Resu
                 )));
             }
             ck.restore(&mut model.opt)?;
-            points = serde_json::from_value(ck.meta["points"].clone()).map_err(|e| {
-                ToyError::File {
+            points =
+                serde_json::from_value(ck.meta["points"].clone()).map_err(|e| ToyError::File {
                     path: path.display().to_string(),
                     msg: format!("no readable evaluation points: {e}"),
-                }
-            })?;
+                })?;
             start = step;
         }
     }

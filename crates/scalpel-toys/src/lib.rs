@@ -9,6 +9,7 @@ pub mod report;
 
 pub use error::{Result, ToyError};
 pub mod checkpoint;
+pub mod diagnose;
 pub mod fused;
 pub mod grokking;
 pub mod induction;

@@ -16,6 +16,8 @@
 //! geometry of interfering features (antipodal pairs, pentagons, ...), the dimensionality sweep
 //! over sparsity and the two-feature phase diagram.
 
+pub mod report;
+
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
@@ -135,12 +137,18 @@ impl SuperpositionConfig {
         if self.feature_probs.is_empty() {
             return bad("feature_probs must list at least one instance".into());
         }
-        if let Some(p) = self.feature_probs.iter().find(|p| !(**p > 0.0 && **p <= 1.0)) {
+        if let Some(p) = self
+            .feature_probs
+            .iter()
+            .find(|p| !(**p > 0.0 && **p <= 1.0))
+        {
             return bad(format!("feature_probs must lie in (0, 1], found {p}"));
         }
         match &self.importance {
             Importance::Decay(r) if !(r.is_finite() && *r > 0.0) => {
-                return bad(format!("importance decay must be finite and > 0, found {r}"));
+                return bad(format!(
+                    "importance decay must be finite and > 0, found {r}"
+                ));
             }
             Importance::PerInstance(rows) => {
                 if rows.len() != self.n_instances() {
@@ -195,7 +203,10 @@ impl SuperpositionConfig {
         SuperpositionConfig {
             n_features: n,
             d_hidden: m,
-            feature_probs: geomspace(1.0, 20.0, points).iter().map(|k| 1.0 / k).collect(),
+            feature_probs: geomspace(1.0, 20.0, points)
+                .iter()
+                .map(|k| 1.0 / k)
+                .collect(),
             importance: Importance::Decay(1.0),
             steps,
             ..Default::default()
@@ -213,7 +224,9 @@ impl SuperpositionConfig {
         replicas: usize,
         steps: usize,
     ) -> Self {
-        let cells = importances.iter().flat_map(|&r| densities.iter().map(move |&p| (r, p)));
+        let cells = importances
+            .iter()
+            .flat_map(|&r| densities.iter().map(move |&p| (r, p)));
         let (rows, probs): (Vec<Vec<f64>>, Vec<f64>) = cells
             .flat_map(|(r, p)| std::iter::repeat_n((vec![1.0, r], p), replicas))
             .unzip();
@@ -245,7 +258,10 @@ impl ToyModel {
         let (i, n, m) = (n_instances, n_features, d_hidden);
         let std = (2.0 / (m + n) as f64).sqrt();
         let w = Tensor::from_vec(normals(seed, i * m * n, std), (i, m, n), &Device::Cpu)?;
-        ToyModel::from_tensors(&w, &Tensor::zeros((i, n), candle_core::DType::F32, &Device::Cpu)?)
+        ToyModel::from_tensors(
+            &w,
+            &Tensor::zeros((i, n), candle_core::DType::F32, &Device::Cpu)?,
+        )
     }
 
     /// A model from its weights, e.g. read back from a checkpoint.
@@ -317,13 +333,21 @@ impl ToyModel {
 
     /// Instance `i`'s weight as rows: `[m][n]`, column `j` is feature `j`'s direction `W_j`.
     pub fn weights(&self, i: usize) -> Result<Vec<Vec<f64>>> {
-        let w = self.w.as_tensor().get(i)?.to_dtype(candle_core::DType::F64)?;
+        let w = self
+            .w
+            .as_tensor()
+            .get(i)?
+            .to_dtype(candle_core::DType::F64)?;
         Ok(w.to_vec2()?)
     }
 
     /// Instance `i`'s bias, `[n]`.
     pub fn bias(&self, i: usize) -> Result<Vec<f64>> {
-        let b = self.b.as_tensor().get(i)?.to_dtype(candle_core::DType::F64)?;
+        let b = self
+            .b
+            .as_tensor()
+            .get(i)?
+            .to_dtype(candle_core::DType::F64)?;
         Ok(b.to_vec1()?)
     }
 
@@ -334,7 +358,9 @@ impl ToyModel {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.w.as_tensor();
         let h = x.matmul(&w.transpose(1, 2)?)?; // [I, B, m]
-        let out = h.matmul(w)?.broadcast_add(&self.b.as_tensor().unsqueeze(1)?)?; // [I, B, n]
+        let out = h
+            .matmul(w)?
+            .broadcast_add(&self.b.as_tensor().unsqueeze(1)?)?; // [I, B, n]
         Ok(out.relu()?)
     }
 
@@ -362,7 +388,7 @@ impl ToyModel {
         importance: &[f32],
     ) -> Result<(Vec<f64>, Vec<f32>, Vec<f32>)> {
         let (i, n) = (self.n_instances, self.n_features);
-        if importance.len() != i * n || x.is_empty() || x.len() % (i * n) != 0 {
+        if importance.len() != i * n || x.is_empty() || !x.len().is_multiple_of(i * n) {
             return Err(ToyError::Config(format!(
                 "fused_grads needs x [I, B, n] and importance [I, n] with I = {i}, n = {n}; got \
                  {} and {} values",
@@ -640,7 +666,12 @@ fn instance_pass_body(
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
             acc[l] += x[l] * y[l];
@@ -699,6 +730,7 @@ impl Xoshiro {
 pub struct Trained {
     /// The exact settings that produced this run.
     pub config: SuperpositionConfig,
+    /// The trained weights.
     pub model: ToyModel,
     /// `(step, loss summed over instances)` every `log_every` steps and at the last step.
     pub losses: Vec<(usize, f64)>,
@@ -735,8 +767,15 @@ pub fn train(cfg: &SuperpositionConfig, progress: &mut dyn FnMut(usize, f64)) ->
         vec![("W".into(), model.w.clone()), ("b".into(), model.b.clone())],
         cfg.adam(),
     )?;
-    let importance: Vec<f32> = cfg.importances().concat().iter().map(|&v| v as f32).collect();
-    let mut rngs: Vec<Xoshiro> = (0..i).map(|inst| Xoshiro::new(data_seed(cfg.seed, inst))).collect();
+    let importance: Vec<f32> = cfg
+        .importances()
+        .concat()
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let mut rngs: Vec<Xoshiro> = (0..i)
+        .map(|inst| Xoshiro::new(data_seed(cfg.seed, inst)))
+        .collect();
     let mut kernel = Kernel::new(&model, cfg.batch)?;
     let mut flat = vec![None, None];
     let mut losses = Vec::new();
@@ -820,6 +859,7 @@ impl Structure {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Group {
+    /// What the group's size and mean dimensionality make it.
     pub structure: Structure,
     /// Feature indices, ascending.
     pub features: Vec<usize>,
@@ -878,7 +918,11 @@ pub fn analyse_weights(w: Vec<Vec<f64>>, bias: Vec<f64>, feature_prob: f64) -> I
     let m = w.len();
     let n = bias.len();
     let wtw: Vec<Vec<f64>> = (0..n)
-        .map(|i| (0..n).map(|j| (0..m).map(|k| w[k][i] * w[k][j]).sum()).collect())
+        .map(|i| {
+            (0..n)
+                .map(|j| (0..m).map(|k| w[k][i] * w[k][j]).sum())
+                .collect()
+        })
         .collect();
     let norms: Vec<f64> = (0..n).map(|i| wtw[i][i].sqrt()).collect();
     // (Ŵ_i·W_j)² = (W_i·W_j)² / ‖W_i‖².

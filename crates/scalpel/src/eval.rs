@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::model::ModelArgs;
 use crate::output::print_json;
-use crate::progress::TokenBar;
+use crate::progress::CountBar;
 
 /// Options of `scalpel eval`.
 #[derive(clap::Args, Debug)]
@@ -137,11 +137,10 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         error_term: args.error_term,
         ..EvalOptions::default()
     };
-    let bar = TokenBar::start(
+    let bar = CountBar::start(
         (contexts.len() * args.context_size) as u64,
         0,
-        "evaluating".into(),
-    );
+        "evaluating".into(), "tokens");
     let report = eval::evaluate(model, &sae, &contexts, &opts, |n| bar.inc(n as u64))?;
     drop(bar);
     let report = Report {

@@ -14,7 +14,7 @@ use scalpel_models::loader::LoadedModel;
 use sha2::{Digest, Sha256};
 
 use crate::model::ModelArgs;
-use crate::progress::TokenBar;
+use crate::progress::CountBar;
 
 /// Harvest options.
 #[derive(clap::Args, Debug)]
@@ -172,11 +172,10 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         .skip(skip)
         .take(n_contexts.saturating_sub(skip));
     let ctx_tokens = args.context_size as u64;
-    let bar = TokenBar::start(
+    let bar = CountBar::start(
         n_contexts as u64 * ctx_tokens,
         skip as u64 * ctx_tokens,
-        "harvesting".into(),
-    );
+        "harvesting".into(), "tokens");
     let names: Vec<String> = hooks.iter().map(|h| h.to_string()).collect();
     let start = Instant::now();
     let done = harvest::harvest(

@@ -15,6 +15,7 @@ mod progress;
 mod prompt;
 mod run;
 mod store;
+mod toy;
 mod train;
 
 use std::io::IsTerminal;
@@ -62,6 +63,9 @@ enum Command {
     Convert(convert::Args),
     /// Evaluate a sparse dictionary spliced into the model (SAELens's metrics).
     Eval(eval::Args),
+    /// Grow a toy model from scratch (superposition, induction heads, grokking) and write a
+    /// report folder.
+    Toy(toy::Args),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args, json),
         Command::Convert(args) => convert::run(args, json),
         Command::Eval(args) => eval::run(args, json),
+        Command::Toy(args) => toy::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

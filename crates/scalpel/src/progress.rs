@@ -59,19 +59,19 @@ impl Write for LogWriter {
     }
 }
 
-/// A progress bar over a known number of tokens, with rate and ETA, shown only when stderr is a
-/// terminal and info logs are on. It disappears when dropped.
-pub struct TokenBar(Option<ProgressBar>);
+/// A progress bar over a known count of `unit`s (tokens, steps), with rate and ETA, shown only
+/// when stderr is a terminal and info logs are on. It disappears when dropped.
+pub struct CountBar(Option<ProgressBar>);
 
-impl TokenBar {
-    pub fn start(total: u64, done: u64, msg: String) -> TokenBar {
+impl CountBar {
+    pub fn start(total: u64, done: u64, msg: String, unit: &str) -> CountBar {
         if !io::stderr().is_terminal() || !tracing::enabled!(tracing::Level::INFO) {
-            return TokenBar(None);
+            return CountBar(None);
         }
         let pb = ProgressBar::new(total).with_message(msg);
-        if let Ok(style) = ProgressStyle::with_template(
-            "{msg} {wide_bar} {human_pos}/{human_len} tokens ({per_sec}, ETA {eta})",
-        ) {
+        if let Ok(style) = ProgressStyle::with_template(&format!(
+            "{{msg}} {{wide_bar}} {{human_pos}}/{{human_len}} {unit} ({{per_sec}}, ETA {{eta}})"
+        )) {
             pb.set_style(style);
         }
         pb.set_position(done);
@@ -79,7 +79,7 @@ impl TokenBar {
         if let Ok(mut active) = ACTIVE.lock() {
             *active = Some(pb.clone());
         }
-        TokenBar(Some(pb))
+        CountBar(Some(pb))
     }
 
     pub fn inc(&self, n: u64) {
@@ -87,9 +87,16 @@ impl TokenBar {
             pb.inc(n);
         }
     }
+
+    /// Replaces the text before the bar (e.g. the current loss).
+    pub fn set_message(&self, msg: String) {
+        if let Some(pb) = &self.0 {
+            pb.set_message(msg);
+        }
+    }
 }
 
-impl Drop for TokenBar {
+impl Drop for CountBar {
     fn drop(&mut self) {
         if let Some(pb) = self.0.take() {
             if let Ok(mut active) = ACTIVE.lock() {

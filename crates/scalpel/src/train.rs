@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use scalpel_dict::run::{self, DictSpec, RunConfig, TrainOverrides};
 use scalpel_dict::train::Activation;
 
-use crate::progress::TokenBar;
+use crate::progress::CountBar;
 
 /// Train options. Flags override the config file's fields; with no `[[dict]]` in the config,
 /// `--hook` (and the other dictionary flags) make one.
@@ -168,11 +168,10 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         out.write_all(text.as_bytes())?;
         return Ok(out.flush()?);
     }
-    let bar = TokenBar::start(
+    let bar = CountBar::start(
         cfg.total_steps() * cfg.batch_size as u64,
         0,
-        "training".into(),
-    );
+        "training".into(), "tokens");
     let mut shown = 0;
     let summary = run::train(&cfg, &mut |p| {
         // After a resume the first report also moves the bar over the checkpointed tokens.
