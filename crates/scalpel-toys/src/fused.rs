@@ -22,7 +22,7 @@ use scalpel_core::gemm::matmul;
 use scalpel_models::config::{Act, Config, Mlp, Norm, Pos};
 
 use crate::optim::AdamW;
-use crate::transformer::{row_grad, row_loss};
+use crate::transformer::row_loss_grad;
 use crate::{Result, ToyError};
 
 /// The fused trainer for one model shape.
@@ -391,10 +391,7 @@ impl Fused {
             .zip(dlogits.par_chunks_mut(v_sz))
             .zip(out_rows.par_iter())
             .map(|((row, drow), &i)| match targets[i] {
-                Some(t) => {
-                    row_grad(row, t as usize, scale, drow);
-                    row_loss(row, t as usize)
-                }
+                Some(t) => row_loss_grad(row, t as usize, scale, drow),
                 None => 0.0,
             })
             .sum::<f64>()
@@ -820,8 +817,23 @@ fn add(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// Dot product with eight independent sums, so the compiler can keep them in vector registers
+/// (a single running sum would serialise every addition).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Per sequence: the index of its first query row and the positions of its query rows.

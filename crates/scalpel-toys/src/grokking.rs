@@ -418,7 +418,7 @@ pub fn progress(
 /// Splits logits over all pairs (`[p²][p]`, row `a·p + b`) into the part along the directions
 /// cos(w_k(a+b)), sin(w_k(a+b)) of the key frequencies plus each column's mean (restricted), and
 /// everything else (excluded).
-fn split_logits(all: &[Vec<f64>], p: usize, key: &[usize]) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+pub fn split_logits(all: &[Vec<f64>], p: usize, key: &[usize]) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
     let n = p * p;
     let mut along = vec![vec![0.0; p]; n];
     for &k in key {
@@ -453,7 +453,7 @@ fn split_logits(all: &[Vec<f64>], p: usize, key: &[usize]) -> (Vec<Vec<f64>>, Ve
 }
 
 /// One evaluation point of a run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Point {
     pub epoch: usize,
     pub train_loss: f64,
@@ -494,7 +494,9 @@ pub fn train(cfg: &GrokConfig, dir: Option<&Path>, on_step: OnStep) -> Result<Ru
                     path: path.display().to_string(),
                     msg: format!("no readable config: {e}"),
                 })?;
-            if &saved != cfg {
+            // Only the length may change: a finished run can be extended.
+            let same = GrokConfig { epochs: cfg.epochs, ..saved.clone() };
+            if &same != cfg {
                 return Err(ToyError::Config(format!(
                     "{} holds checkpoints of a different configuration; use a new folder or the same settings",
                     dir.display()

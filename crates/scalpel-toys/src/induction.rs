@@ -251,7 +251,7 @@ pub fn training_sequences(
         // A segment of length k copied from [a, a + k) to [b, b + k), b ≥ a + k: the distance
         // between the copies varies from k to 2·half − k, so no fixed positional offset
         // predicts the repeat; only matching content (induction) does.
-        let k = rng.gen_range(min_segment.clamp(1, half)..=half);
+        let k = rng.gen_range(min_segment.clamp(1, half)..=(half / 2).max(min_segment.clamp(1, half)));
         let a = rng.gen_range(0..=len - 2 * k);
         let b = rng.gen_range(a + k..=len - k);
         out.copy_within(row0 + a..row0 + a + k, row0 + b);
@@ -821,7 +821,9 @@ pub fn train(cfg: &InductionConfig, dir: Option<&Path>, on_step: OnStep) -> Resu
                     path: path.display().to_string(),
                     msg: format!("no readable config: {e}"),
                 })?;
-            if &saved != cfg {
+            // Only the length may change: a finished run can be extended.
+            let same = InductionConfig { steps: cfg.steps, ..saved.clone() };
+            if &same != cfg {
                 return Err(ToyError::Config(format!(
                     "{} holds checkpoints of a different configuration; use a new folder or the same settings",
                     dir.display()

@@ -4,6 +4,7 @@
 
 mod bench;
 mod convert;
+mod diagnose;
 mod eval;
 mod generate;
 mod harvest;
@@ -66,6 +67,8 @@ enum Command {
     /// Grow a toy model from scratch (superposition, induction heads, grokking) and write a
     /// report folder.
     Toy(toy::Args),
+    /// Tell memorisation from generalisation from the inside (grokking checkpoints).
+    Diagnose(diagnose::Args),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(args, json),
         Command::Eval(args) => eval::run(args, json),
         Command::Toy(args) => toy::run(args, json),
+        Command::Diagnose(args) => diagnose::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
