@@ -34,9 +34,9 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use scalpel_core::gemm::matmul;
 use crate::synthetic::gaussian;
 use crate::{Architecture, DictConfig, DictError, Metadata, Result, Sae};
+use scalpel_core::gemm::matmul;
 
 /// How latents are switched on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -418,7 +418,7 @@ impl Params {
     fn first_beyond(&self, limit: f32) -> Option<(&'static str, usize)> {
         self.all().into_iter().find_map(|(name, v)| {
             v.par_iter()
-                .position_any(|x| !(x.abs() < limit))
+                .position_any(|x| x.is_nan() || x.abs() >= limit)
                 .map(|i| (name, i))
         })
     }

@@ -50,7 +50,12 @@ pub struct Diagnosis {
 }
 
 /// Diagnoses a loaded grokking model.
-pub fn diagnose(name: &str, model: &Trainable, data: &Dataset, epoch: Option<usize>) -> Result<Diagnosis> {
+pub fn diagnose(
+    name: &str,
+    model: &Trainable,
+    data: &Dataset,
+    epoch: Option<usize>,
+) -> Result<Diagnosis> {
     let p = data.p;
     let point = grokking::evaluate(model, data, epoch.unwrap_or(0))?;
     // Key frequencies from the model's own embedding, then the measures on training pairs.
@@ -86,6 +91,8 @@ pub fn diagnose(name: &str, model: &Trainable, data: &Dataset, epoch: Option<usi
 /// Loads a grokking checkpoint and diagnoses it.
 pub fn diagnose_checkpoint(path: &Path) -> Result<Diagnosis> {
     let (_, model, data) = grokking::load(path)?;
-    let epoch = crate::checkpoint::load(path)?.meta["epoch"].as_u64().map(|e| e as usize);
+    let epoch = crate::checkpoint::load(path)?.meta["epoch"]
+        .as_u64()
+        .map(|e| e as usize);
     diagnose(&path.display().to_string(), &model, &data, epoch)
 }

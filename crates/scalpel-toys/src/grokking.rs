@@ -495,7 +495,10 @@ pub fn train(cfg: &GrokConfig, dir: Option<&Path>, on_step: OnStep) -> Result<Ru
                     msg: format!("no readable config: {e}"),
                 })?;
             // Only the length may change: a finished run can be extended.
-            let same = GrokConfig { epochs: cfg.epochs, ..saved.clone() };
+            let same = GrokConfig {
+                epochs: cfg.epochs,
+                ..saved.clone()
+            };
             if &same != cfg {
                 return Err(ToyError::Config(format!(
                     "{} holds checkpoints of a different configuration; use a new folder or the same settings",

@@ -50,6 +50,12 @@ pub struct InductionConfig {
     pub n_layers: usize,
     pub n_heads: usize,
     pub d_model: usize,
+    /// Standard deviation of the initial token embedding. Large (1) against small positions
+    /// (0.02): the residual stream starts out carrying token identity, and the positional
+    /// shortcuts a repeated-sequence task invites stay slow to learn (see `training_sequences`).
+    pub embed_std: f64,
+    /// Standard deviation of the initial positional embedding.
+    pub pos_std: f64,
     /// Sequences per training step (fresh ones every step).
     pub batch: usize,
     pub lr: f64,
@@ -71,13 +77,15 @@ impl Default for InductionConfig {
         InductionConfig {
             vocab: 64,
             half: 16,
-            min_segment: 8,
+            min_segment: 4,
             n_layers: 2,
             n_heads: 2,
             d_model: 64,
+            embed_std: 1.0,
+            pos_std: 0.02,
             batch: 64,
             lr: 1e-3,
-            weight_decay: 0.01,
+            weight_decay: 0.0,
             beta1: 0.9,
             beta2: 0.999,
             steps: 3000,
@@ -98,6 +106,10 @@ impl InductionConfig {
         }
         if self.half < 2 {
             return bad(format!("half must be at least 2, got {}", self.half));
+        }
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.embed_std) || !positive(self.pos_std) {
+            return bad("embed_std and pos_std must be positive".into());
         }
         if self.min_segment == 0 || self.min_segment > self.half {
             return bad(format!(
@@ -167,7 +179,13 @@ impl InductionConfig {
     /// Builds the model from the seed with its optimiser: embeddings N(0, 0.02²), other matrices
     /// N(0, 1/fan_in), biases 0, normaliser weights 1.
     pub fn build(&self) -> Result<Trainable> {
-        Trainable::new(self.model_config(), self.seed, init_rule, self.adam())
+        let (e, p) = (self.embed_std, self.pos_std);
+        Trainable::new(
+            self.model_config(),
+            self.seed,
+            move |name, shape| init_rule(name, shape, e, p),
+            self.adam(),
+        )
     }
 
     /// The training batch of `step` (0-based), from [`training_sequences`]: it depends only on
@@ -189,13 +207,15 @@ impl InductionConfig {
 }
 
 /// The initialisation of [`InductionConfig::build`].
-fn init_rule(name: &str, shape: &[usize]) -> Init {
+fn init_rule(name: &str, shape: &[usize], embed_std: f64, pos_std: f64) -> Init {
     if name.ends_with(".b") {
         Init::Zeros
     } else if shape.len() == 1 {
         Init::Ones
-    } else if name == "embed.w" || name == "pos_embed.w" {
-        Init::Normal(0.02)
+    } else if name == "embed.w" {
+        Init::Normal(embed_std)
+    } else if name == "pos_embed.w" {
+        Init::Normal(pos_std)
     } else {
         Init::Normal(1.0 / (shape[1] as f64).sqrt())
     }
@@ -251,7 +271,7 @@ pub fn training_sequences(
         // A segment of length k copied from [a, a + k) to [b, b + k), b ≥ a + k: the distance
         // between the copies varies from k to 2·half − k, so no fixed positional offset
         // predicts the repeat; only matching content (induction) does.
-        let k = rng.gen_range(min_segment.clamp(1, half)..=(half / 2).max(min_segment.clamp(1, half)));
+        let k = rng.gen_range(min_segment.clamp(1, half)..=half);
         let a = rng.gen_range(0..=len - 2 * k);
         let b = rng.gen_range(a + k..=len - k);
         out.copy_within(row0 + a..row0 + a + k, row0 + b);
@@ -493,6 +513,40 @@ pub fn ablate_head(
     });
     let logits = model.run_with_hooks(tokens, &mut hooks)?;
     split_losses(&logits, tokens, half)
+}
+
+/// The induction scores of layer `reader`'s heads when head `head` of layer `writer` is
+/// zero-ablated at `hook_z`: the causal side of composition. An induction head whose score
+/// collapses without a layer-0 previous-token head reads that head's output.
+pub fn induction_scores_without(
+    model: &Model,
+    writer: usize,
+    head: usize,
+    reader: usize,
+    tokens: &Tensor,
+    half: usize,
+) -> Result<Vec<f64>> {
+    let c = model.config();
+    if writer >= reader || reader >= c.n_layers || head >= c.n_heads {
+        return Err(ToyError::Config(format!(
+            "need writer < reader < {} layers and head < {} (got {writer}, {reader}, {head})",
+            c.n_layers, c.n_heads
+        )));
+    }
+    let h = c.n_heads;
+    let mut hooks = Hooks::new()
+        .with_hook(HookPoint::Block(writer, BlockHook::Z), move |z, _| {
+            let keep: Vec<f32> = (0..h).map(|i| if i == head { 0.0 } else { 1.0 }).collect();
+            let keep = Tensor::from_vec(keep, (1, 1, h, 1), z.device())?;
+            Ok(Some(z.broadcast_mul(&keep)?))
+        })
+        .with_cache_points([HookPoint::Block(reader, BlockHook::Pattern)]);
+    model.run_with_hooks(tokens, &mut hooks)?;
+    let cache = hooks.take_cache();
+    let pat = cache
+        .get(HookPoint::Block(reader, BlockHook::Pattern))
+        .ok_or_else(|| ToyError::Config(format!("no pattern cached for layer {reader}")))?;
+    induction_scores(pat, half)
 }
 
 /// One row of the ablation table.
@@ -743,6 +797,9 @@ pub struct Analysis {
     pub copying_scores: Vec<Vec<f64>>,
     /// Layer 0 → layer 1 (absent with one layer).
     pub composition: Option<Composition>,
+    /// The induction head's score with the previous-token head zero-ablated (absent with one
+    /// layer): composition seen causally.
+    pub induction_score_without_prev_token_head: Option<f64>,
 }
 
 /// Measures `model` (trained with `cfg`) on the evaluation batch.
@@ -777,8 +834,22 @@ pub fn analyse(cfg: &InductionConfig, model: &Model, step: usize) -> Result<Anal
     } else {
         None
     };
+    let induction_score_without_prev_token_head = if cfg.n_layers > 1 {
+        let scores = induction_scores_without(
+            model,
+            0,
+            prev_token_head.1,
+            induction_head.0,
+            &tokens,
+            cfg.half,
+        )?;
+        Some(scores[induction_head.1])
+    } else {
+        None
+    };
     let (chance_prev_token, chance_induction) = chance_scores(cfg.half);
     Ok(Analysis {
+        induction_score_without_prev_token_head,
         clean,
         chance_prev_token,
         chance_induction,
@@ -822,7 +893,10 @@ pub fn train(cfg: &InductionConfig, dir: Option<&Path>, on_step: OnStep) -> Resu
                     msg: format!("no readable config: {e}"),
                 })?;
             // Only the length may change: a finished run can be extended.
-            let same = InductionConfig { steps: cfg.steps, ..saved.clone() };
+            let same = InductionConfig {
+                steps: cfg.steps,
+                ..saved.clone()
+            };
             if &same != cfg {
                 return Err(ToyError::Config(format!(
                     "{} holds checkpoints of a different configuration; use a new folder or the same settings",

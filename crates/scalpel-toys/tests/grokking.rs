@@ -61,7 +61,11 @@ fn small_modulus_memorises_then_generalises_on_a_few_frequencies() {
     // Progress measures at the end: the key frequencies alone carry the training performance,
     // and removing them destroys it.
     let with_key = grokking::progress(&run.model, &run.data, &key, 5).unwrap();
-    assert!(with_key.restricted_loss < 0.05, "{}", with_key.restricted_loss);
+    assert!(
+        with_key.restricted_loss < 0.05,
+        "{}",
+        with_key.restricted_loss
+    );
     assert!(with_key.excluded_loss > 1.0, "{}", with_key.excluded_loss);
 
     // The diagnosis tells the memorised checkpoint from the final one without test data. Both
@@ -126,7 +130,10 @@ fn restricted_and_excluded_parts_split_a_fourier_circuit_exactly() {
     for i in 0..p * p {
         for c in 0..p {
             assert!((restricted[i][c] - all[i][c]).abs() < 1e-9);
-            assert!((excluded[i][c] - offset(c)).abs() < 1e-9, "excluded keeps the offset");
+            assert!(
+                (excluded[i][c] - offset(c)).abs() < 1e-9,
+                "excluded keeps the offset"
+            );
         }
     }
     // With the wrong frequency nothing of the circuit is kept.
@@ -151,12 +158,49 @@ fn restricted_and_excluded_parts_split_a_fourier_circuit_exactly() {
 #[test]
 fn bad_settings_name_the_field() {
     let cases: Vec<(GrokConfig, &str)> = vec![
-        (GrokConfig { p: 2, ..GrokConfig::quick() }, "p must"),
-        (GrokConfig { frac_train: 1.0, ..GrokConfig::quick() }, "frac_train"),
-        (GrokConfig { n_heads: 3, ..GrokConfig::quick() }, "n_heads"),
-        (GrokConfig { checkpoint_every: 30, eval_every: 25, ..GrokConfig::quick() }, "checkpoint_every"),
-        (GrokConfig { lr: -1.0, ..GrokConfig::quick() }, "lr"),
-        (GrokConfig { epochs: 0, ..GrokConfig::quick() }, "epochs"),
+        (
+            GrokConfig {
+                p: 2,
+                ..GrokConfig::quick()
+            },
+            "p must",
+        ),
+        (
+            GrokConfig {
+                frac_train: 1.0,
+                ..GrokConfig::quick()
+            },
+            "frac_train",
+        ),
+        (
+            GrokConfig {
+                n_heads: 3,
+                ..GrokConfig::quick()
+            },
+            "n_heads",
+        ),
+        (
+            GrokConfig {
+                checkpoint_every: 30,
+                eval_every: 25,
+                ..GrokConfig::quick()
+            },
+            "checkpoint_every",
+        ),
+        (
+            GrokConfig {
+                lr: -1.0,
+                ..GrokConfig::quick()
+            },
+            "lr",
+        ),
+        (
+            GrokConfig {
+                epochs: 0,
+                ..GrokConfig::quick()
+            },
+            "epochs",
+        ),
     ];
     for (cfg, field) in cases {
         let err = cfg.validate().unwrap_err().to_string();

@@ -39,19 +39,34 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let mut out: Vec<Diagnosis> = Vec::new();
     for m in &args.models {
         let path = resolve(m)?;
-        out.push(diagnose_checkpoint(&path).with_context(|| format!("cannot diagnose {}", path.display()))?);
+        out.push(
+            diagnose_checkpoint(&path)
+                .with_context(|| format!("cannot diagnose {}", path.display()))?,
+        );
     }
     if json {
         return print_json(&out);
     }
     println!(
         "{:<10} {:>7} {:>9} {:>10} {:>10} {:>10} {:>6} {:<13} {:>9}  model",
-        "verdict", "epoch", "train_acc", "restricted", "excluded", "top5_share", "score", "key_freqs", "held_out"
+        "verdict",
+        "epoch",
+        "train_acc",
+        "restricted",
+        "excluded",
+        "top5_share",
+        "score",
+        "key_freqs",
+        "held_out"
     );
     for d in &out {
         println!(
             "{:<10} {:>7} {:>9.3} {:>10.2e} {:>10.2e} {:>10.3} {:>6.2} {:<13} {:>9.3}  {}",
-            if d.verdict == "generalising" { "GENERALISES" } else { "MEMORISES" },
+            if d.verdict == "generalising" {
+                "GENERALISES"
+            } else {
+                "MEMORISES"
+            },
             d.epoch.map_or("-".into(), |e| e.to_string()),
             d.train_acc,
             d.restricted_loss,

@@ -140,7 +140,9 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let bar = CountBar::start(
         (contexts.len() * args.context_size) as u64,
         0,
-        "evaluating".into(), "tokens");
+        "evaluating".into(),
+        "tokens",
+    );
     let report = eval::evaluate(model, &sae, &contexts, &opts, |n| bar.inc(n as u64))?;
     drop(bar);
     let report = Report {

@@ -175,7 +175,9 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let bar = CountBar::start(
         n_contexts as u64 * ctx_tokens,
         skip as u64 * ctx_tokens,
-        "harvesting".into(), "tokens");
+        "harvesting".into(),
+        "tokens",
+    );
     let names: Vec<String> = hooks.iter().map(|h| h.to_string()).collect();
     let start = Instant::now();
     let done = harvest::harvest(

@@ -69,8 +69,11 @@ fn print_bench(b: &Bench, json: bool) -> Result<()> {
 }
 
 fn report_dir(out: &Option<PathBuf>, toy: &str) -> Result<Report> {
-    let dir = out.clone().unwrap_or_else(|| PathBuf::from("toys").join(toy));
-    Report::create(&dir).with_context(|| format!("cannot create the report folder {}", dir.display()))
+    let dir = out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("toys").join(toy));
+    Report::create(&dir)
+        .with_context(|| format!("cannot create the report folder {}", dir.display()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -133,7 +136,19 @@ fn grok_config(a: &GrokArgs) -> GrokConfig {
     macro_rules! set {
         ($($f:ident),*) => { $(if let Some(v) = a.$f { c.$f = v; })* };
     }
-    set!(p, frac_train, d_model, n_heads, d_mlp, lr, weight_decay, epochs, seed, eval_every, checkpoint_every);
+    set!(
+        p,
+        frac_train,
+        d_model,
+        n_heads,
+        d_mlp,
+        lr,
+        weight_decay,
+        epochs,
+        seed,
+        eval_every,
+        checkpoint_every
+    );
     c.shuffle_labels = a.shuffle_labels;
     c
 }
@@ -149,21 +164,27 @@ fn grokking_cmd(a: GrokArgs, json: bool) -> Result<()> {
         }
         let tokens = data.train_tokens.flatten_all()?.to_vec1::<u32>()?;
         let n = data.train_labels.len();
-        let targets: Vec<Option<u32>> = data.train_labels.iter().flat_map(|&t| [None, None, Some(t)]).collect();
-        let mut step = |_| model.train_step(&tokens, n, &targets, cfg.lr);
+        let targets: Vec<Option<u32>> = data
+            .train_labels
+            .iter()
+            .flat_map(|&t| [None, None, Some(t)])
+            .collect();
+        let mut step = |_| Ok(model.train_step(&tokens, n, &targets, cfg.lr)?);
         let b = time_steps("grokking", steps, &mut step, serde_json::to_value(&cfg)?)?;
         return print_bench(&b, json);
     }
     let report = report_dir(&a.out, "grokking")?;
     let ck_dir = report.path("checkpoints");
-    let done = grokking::list_checkpoints(&ck_dir)?.last().map_or(0, |c| c.0);
+    let done = grokking::list_checkpoints(&ck_dir)?
+        .last()
+        .map_or(0, |c| c.0);
     if done > 0 {
         tracing::info!("resuming from epoch {done} in {}", ck_dir.display());
     }
     let bar = CountBar::start(cfg.epochs as u64, done as u64, "grokking".into(), "epochs");
     let mut on_step = |epoch: usize, loss: f64| {
         bar.inc(1);
-        if epoch % 25 == 0 {
+        if epoch.is_multiple_of(25) {
             bar.set_message(format!("grokking (train loss {loss:.2e})"));
         }
     };
@@ -180,12 +201,23 @@ fn grokking_cmd(a: GrokArgs, json: bool) -> Result<()> {
             cfg.p, fp.train_acc, fp.test_acc, fp.epoch
         );
     }
-    println!("memorised (train acc ≥ 0.99): {}", opt(summary.memorised_at));
-    println!("generalised (test acc ≥ 0.99): {}", opt(summary.generalised_at));
-    println!("key frequencies of the embedding: {:?}", summary.key_frequencies);
+    println!(
+        "memorised (train acc ≥ 0.99): {}",
+        opt(summary.memorised_at)
+    );
+    println!(
+        "generalised (test acc ≥ 0.99): {}",
+        opt(summary.generalised_at)
+    );
+    println!(
+        "key frequencies of the embedding: {:?}",
+        summary.key_frequencies
+    );
     println!(
         "inside view: {} (restricted loss {:.2e}, excluded loss {:.2e})",
-        summary.diagnosis.verdict, summary.diagnosis.restricted_loss, summary.diagnosis.excluded_loss
+        summary.diagnosis.verdict,
+        summary.diagnosis.restricted_loss,
+        summary.diagnosis.excluded_loss
     );
     println!("report: {}", report.dir().display());
     Ok(())
@@ -195,7 +227,7 @@ fn grokking_cmd(a: GrokArgs, json: bool) -> Result<()> {
 fn time_steps(
     toy: &'static str,
     steps: usize,
-    step: &mut dyn FnMut(usize) -> scalpel_toys::Result<f64>,
+    step: &mut dyn FnMut(usize) -> Result<f64>,
     settings: serde_json::Value,
 ) -> Result<Bench> {
     anyhow::ensure!(steps > 0, "--bench needs at least one step");
@@ -285,7 +317,12 @@ struct SuperpositionSummary {
 }
 
 fn train_sp(name: &str, cfg: &SuperpositionConfig) -> Result<sp::Trained> {
-    let bar = CountBar::start(cfg.steps as u64, 0, format!("superposition: {name}"), "steps");
+    let bar = CountBar::start(
+        cfg.steps as u64,
+        0,
+        format!("superposition: {name}"),
+        "steps",
+    );
     let mut last = 0;
     let mut on = |step: usize, loss: f64| {
         bar.inc((step - last) as u64);
@@ -342,10 +379,17 @@ fn superposition(a: SuperpositionArgs, json: bool) -> Result<()> {
         sp::report::losses(&report, "importance_sweep", &run)?;
         sp::report::importance_sweep(&report, &an)?;
         run.save(&report.path("importance_sweep.safetensors"))?;
-        summary.importance_sweep = an.iter().map(|x| (x.feature_prob, x.dims_per_feature, x.n_represented)).collect();
+        summary.importance_sweep = an
+            .iter()
+            .map(|x| (x.feature_prob, x.dims_per_feature, x.n_represented))
+            .collect();
     }
     if want("sweep") {
-        let (n, m, pts) = if a.paper { (400, 20, 20) } else { (100, 10, 10) };
+        let (n, m, pts) = if a.paper {
+            (400, 20, 20)
+        } else {
+            (100, 10, 10)
+        };
         let mut cfg = SuperpositionConfig::dimensionality_sweep(
             a.sweep_n.unwrap_or(n),
             a.sweep_m.unwrap_or(m),
@@ -358,7 +402,10 @@ fn superposition(a: SuperpositionArgs, json: bool) -> Result<()> {
         sp::report::losses(&report, "dimensionality_sweep", &run)?;
         sp::report::dimensionality_sweep(&report, &an)?;
         run.save(&report.path("dimensionality_sweep.safetensors"))?;
-        summary.dimensionality_sweep = an.iter().map(|x| (1.0 / x.feature_prob, x.dims_per_feature)).collect();
+        summary.dimensionality_sweep = an
+            .iter()
+            .map(|x| (1.0 / x.feature_prob, x.dims_per_feature))
+            .collect();
     }
     if want("pentagon") {
         let mut cfg = SuperpositionConfig::pentagon(2);
@@ -371,8 +418,13 @@ fn superposition(a: SuperpositionArgs, json: bool) -> Result<()> {
         summary.pentagon = an
             .iter()
             .map(|x| {
-                let mean = x.dimensionality.iter().sum::<f64>() / x.dimensionality.len().max(1) as f64;
-                let groups = x.geometry.iter().map(|g| format!("{:?} {:?}", g.structure, g.features)).collect();
+                let mean =
+                    x.dimensionality.iter().sum::<f64>() / x.dimensionality.len().max(1) as f64;
+                let groups = x
+                    .geometry
+                    .iter()
+                    .map(|g| format!("{:?} {:?}", g.structure, g.features))
+                    .collect();
                 (mean, groups)
             })
             .collect();
@@ -382,7 +434,12 @@ fn superposition(a: SuperpositionArgs, json: bool) -> Result<()> {
         let importances = sp::geomspace(0.1, 10.0, k);
         let densities = sp::geomspace(1.0, 0.01, k);
         let replicas = 4;
-        let mut cfg = SuperpositionConfig::phase_diagram(&importances, &densities, replicas, a.steps.unwrap_or(3_000));
+        let mut cfg = SuperpositionConfig::phase_diagram(
+            &importances,
+            &densities,
+            replicas,
+            a.steps.unwrap_or(3_000),
+        );
         cfg.seed = a.seed;
         cfg.lr = 1e-2;
         let run = train_sp("phase diagram", &cfg)?;
@@ -482,7 +539,7 @@ fn induction_cmd(a: InductionArgs, json: bool) -> Result<()> {
         let mut step = |i: usize| {
             let tokens = cfg.train_batch(i);
             let targets = induction::next_token_targets(&tokens, cfg.seq_len());
-            model.train_step(&tokens, cfg.batch, &targets, cfg.lr)
+            Ok(model.train_step(&tokens, cfg.batch, &targets, cfg.lr)?)
         };
         let b = time_steps("induction", steps, &mut step, serde_json::to_value(&cfg)?)?;
         return print_bench(&b, json);

@@ -171,7 +171,9 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let bar = CountBar::start(
         cfg.total_steps() * cfg.batch_size as u64,
         0,
-        "training".into(), "tokens");
+        "training".into(),
+        "tokens",
+    );
     let mut shown = 0;
     let summary = run::train(&cfg, &mut |p| {
         // After a resume the first report also moves the bar over the checkpointed tokens.

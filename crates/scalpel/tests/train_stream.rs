@@ -172,7 +172,7 @@ fn train_streams_from_the_model_and_resumes_a_finished_run() {
     assert_eq!(m.prepend_bos, Some(true));
     assert_eq!(m.dataset_path.as_deref(), corpus.to_str());
     assert_eq!(m.extra.get("training_tokens"), Some(&Value::from(256)));
-    assert!(m.extra.get("activation_store").is_none(), "{m:?}");
+    assert!(!m.extra.contains_key("activation_store"), "{m:?}");
     assert!(sae.sparsity.is_some());
     let resid_log = log_rows(&resid);
     assert_finite_log(&resid, &resid_log);

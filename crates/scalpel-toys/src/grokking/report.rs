@@ -60,7 +60,12 @@ pub fn write(cfg: &GrokConfig, run: &Run, out: &Report) -> Result<Summary> {
             progress: progress(&model, &run.data, &key, 5)?,
         });
     }
-    let diagnosis = diagnose("final", &run.model, &run.data, run.points.last().map(|x| x.epoch))?;
+    let diagnosis = diagnose(
+        "final",
+        &run.model,
+        &run.data,
+        run.points.last().map(|x| x.epoch),
+    )?;
     let summary = Summary {
         config: cfg.clone(),
         final_point: run.points.last().cloned(),
@@ -89,7 +94,14 @@ pub fn write(cfg: &GrokConfig, run: &Run, out: &Report) -> Result<Summary> {
         .collect();
     out.write_csv(
         "metrics.csv",
-        &["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "weight_norm2"],
+        &[
+            "epoch",
+            "train_loss",
+            "train_acc",
+            "test_loss",
+            "test_acc",
+            "weight_norm2",
+        ],
         &rows,
     )?;
     let rows: Vec<Vec<f64>> = summary
@@ -196,7 +208,8 @@ pub fn write(cfg: &GrokConfig, run: &Run, out: &Report) -> Result<Summary> {
         },
     )?;
     let ck_epochs: Vec<f64> = summary.checkpoints.iter().map(|c| c.epoch as f64).collect();
-    let ck = |f: fn(&CheckpointProgress) -> f64| summary.checkpoints.iter().map(f).collect::<Vec<f64>>();
+    let ck =
+        |f: fn(&CheckpointProgress) -> f64| summary.checkpoints.iter().map(f).collect::<Vec<f64>>();
     plot::line_plot(
         &out.path("progress_measures.svg"),
         &LinePlot {
@@ -261,7 +274,9 @@ pub fn write(cfg: &GrokConfig, run: &Run, out: &Report) -> Result<Summary> {
             ..Default::default()
         },
     )?;
-    let labels: Vec<String> = (1..=final_probe.embed_energy.len()).map(|k| k.to_string()).collect();
+    let labels: Vec<String> = (1..=final_probe.embed_energy.len())
+        .map(|k| k.to_string())
+        .collect();
     let highlight: Vec<usize> = key.iter().map(|k| k - 1).collect();
     plot::bar_plot(
         &out.path("embedding_spectrum.svg"),

@@ -75,7 +75,14 @@ pub fn write(cfg: &InductionConfig, run: &Run, out: &Report) -> Result<Summary> 
         .collect();
     out.write_csv(
         "ablation.csv",
-        &["layer", "head", "loss", "first_half_loss", "second_half_loss", "delta_second_half"],
+        &[
+            "layer",
+            "head",
+            "loss",
+            "first_half_loss",
+            "second_half_loss",
+            "delta_second_half",
+        ],
         &abl,
     )?;
 
@@ -165,7 +172,11 @@ pub fn write(cfg: &InductionConfig, run: &Run, out: &Report) -> Result<Summary> 
                     ),
                     values: m,
                     row_labels: Some((0..m.len()).map(|i| format!("L1H{i}")).collect()),
-                    col_labels: Some((0..m.first().map_or(0, |r| r.len())).map(|i| format!("L0H{i}")).collect()),
+                    col_labels: Some(
+                        (0..m.first().map_or(0, |r| r.len()))
+                            .map(|i| format!("L0H{i}"))
+                            .collect(),
+                    ),
                     x_label: "writer (layer 0)",
                     y_label: "reader (layer 1)",
                     diverging: false,
@@ -237,6 +248,7 @@ pub fn text(s: &Summary) -> String {
          - previous-token head L{pl}H{ph}: score {ps:.3} (uniform attention {cp:.3})\n\
          - induction head L{il}H{ih}: score {isc:.3} (uniform attention {ci:.3})\n\
          - zero-ablating L{il}H{ih} raises the in-context loss by {ind_abl:.3} nats\n\
+         - with L0H{ph} zero-ablated, L{il}H{ih}'s induction score falls to {without}\n\
          - K-composition L0H{ph} → L1H{ih}: {k_comp}\n",
         layers = c.n_layers,
         d = c.d_model,
@@ -253,5 +265,8 @@ pub fn text(s: &Summary) -> String {
         cp = a.chance_prev_token,
         isc = p.induction_scores[il][ih],
         ci = a.chance_induction,
+        without = a
+            .induction_score_without_prev_token_head
+            .map_or("n/a (one layer)".to_string(), |v| format!("{v:.3}")),
     )
 }

@@ -78,7 +78,13 @@ pub fn tables(out: &Report, name: &str, analyses: &[InstanceAnalysis]) -> Result
         .collect();
     out.write_csv(
         &format!("{name}_instances.csv"),
-        &["instance", "feature_prob", "inv_density", "dims_per_feature", "n_represented"],
+        &[
+            "instance",
+            "feature_prob",
+            "inv_density",
+            "dims_per_feature",
+            "n_represented",
+        ],
         &rows,
     )?;
     Ok(())
@@ -93,7 +99,10 @@ pub fn importance_sweep(out: &Report, analyses: &[InstanceAnalysis]) -> Result<(
         plot::heatmap(
             &out.path(&format!("wtw_{i}.svg")),
             &Heatmap {
-                title: &format!("WᵀW, {} (features by decreasing importance)", prob_label(a.feature_prob)),
+                title: &format!(
+                    "WᵀW, {} (features by decreasing importance)",
+                    prob_label(a.feature_prob)
+                ),
                 values: &a.wtw,
                 row_labels: Some(labels.clone()),
                 col_labels: Some(labels.clone()),
@@ -106,7 +115,7 @@ pub fn importance_sweep(out: &Report, analyses: &[InstanceAnalysis]) -> Result<(
             &out.path(&format!("bias_{i}.svg")),
             &Heatmap {
                 title: &format!("bias b, {}", prob_label(a.feature_prob)),
-                values: &[a.bias.clone()],
+                values: std::slice::from_ref(&a.bias),
                 row_labels: Some(vec!["b".into()]),
                 col_labels: Some(labels.clone()),
                 x_label: "feature",
@@ -118,7 +127,10 @@ pub fn importance_sweep(out: &Report, analyses: &[InstanceAnalysis]) -> Result<(
         plot::bar_plot(
             &out.path(&format!("norms_{i}.svg")),
             &BarPlot {
-                title: &format!("‖W_i‖ per feature, {} (red: in superposition)", prob_label(a.feature_prob)),
+                title: &format!(
+                    "‖W_i‖ per feature, {} (red: in superposition)",
+                    prob_label(a.feature_prob)
+                ),
                 x_label: "feature",
                 y_label: "‖W_i‖",
                 labels,
@@ -158,10 +170,17 @@ pub fn dimensionality_sweep(out: &Report, analyses: &[InstanceAnalysis]) -> Resu
         x: order.iter().map(|&i| px[i]).collect(),
         y: order.iter().map(|&i| py[i]).collect(),
     });
-    let hlines = [(1.0, "1"), (0.75, "3/4"), (2.0 / 3.0, "2/3"), (0.5, "1/2"), (0.4, "2/5"), (0.375, "3/8")]
-        .iter()
-        .map(|&(v, l)| (v, l.to_string()))
-        .collect();
+    let hlines = [
+        (1.0, "1"),
+        (0.75, "3/4"),
+        (2.0 / 3.0, "2/3"),
+        (0.5, "1/2"),
+        (0.4, "2/5"),
+        (0.375, "3/8"),
+    ]
+    .iter()
+    .map(|&(v, l)| (v, l.to_string()))
+    .collect();
     plot::line_plot(
         &out.path("dimensionality.svg"),
         &LinePlot {
@@ -181,13 +200,17 @@ pub fn pentagon(out: &Report, analyses: &[InstanceAnalysis]) -> Result<()> {
     tables(out, "pentagon", analyses)?;
     if let Some(a) = analyses.first() {
         if a.w.len() == 2 {
-            let vectors: Vec<(f64, f64)> = (0..a.w[0].len()).map(|f| (a.w[0][f], a.w[1][f])).collect();
+            let vectors: Vec<(f64, f64)> =
+                (0..a.w[0].len()).map(|f| (a.w[0][f], a.w[1][f])).collect();
             let labels: Vec<String> = (0..vectors.len())
                 .map(|f| format!("feature {f} (D = {:.2})", a.dimensionality[f]))
                 .collect();
             plot::directions_2d(
                 &out.path("pentagon.svg"),
-                &format!("5 sparse features in 2 dimensions ({})", prob_label(a.feature_prob)),
+                &format!(
+                    "5 sparse features in 2 dimensions ({})",
+                    prob_label(a.feature_prob)
+                ),
                 &vectors,
                 &labels,
             )?;
@@ -216,7 +239,16 @@ pub fn phase_diagram(out: &Report, pd: &PhaseDiagram) -> Result<()> {
     }
     out.write_csv(
         "phase_diagram.csv",
-        &["importance_2", "density", "phase", "w1", "w2", "b1", "b2", "loss"],
+        &[
+            "importance_2",
+            "density",
+            "phase",
+            "w1",
+            "w2",
+            "b1",
+            "b2",
+            "loss",
+        ],
         &rows,
     )?;
     let categories: Vec<&str> = pd.categories.iter().map(|s| s.as_str()).collect();
