@@ -19,7 +19,7 @@ row() { # name, steps, scalpel args, torch args
   local s p
   s=$(ours $a --bench "$steps")
   p=$(torch $t --steps "$steps")
-  python3 -c "print(f'| $name | {float('$s'):.1f} | {float('$p'):.1f} | {float('$s')/float('$p'):.2f}x |')"
+  python3 -c 'import sys; n, s, p = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]); print(f"| {n} | {s:.1f} | {p:.1f} | {s / p:.2f}x |")' "$name" "$s" "$p"
 }
 
 echo "| toy (default settings) | scalpel steps/s | PyTorch steps/s | ratio |"

@@ -13,7 +13,25 @@ pub fn matmul(
     lhs: (&[f32], isize, isize),
     rhs: (&[f32], isize, isize),
 ) {
-    assert!(dst.len() >= m * n, "matmul: destination too small");
+    matmul_strided(m, n, k, (dst, n), accumulate, lhs, rhs);
+}
+
+/// [`matmul`] into a destination whose rows lie `dst.1` elements apart (a block of a wider
+/// matrix, e.g. one head's columns).
+pub fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (&mut [f32], usize),
+    accumulate: bool,
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+) {
+    let (dst, dst_rs) = dst;
+    assert!(
+        m == 0 || n == 0 || (dst_rs >= n && (m - 1) * dst_rs + n <= dst.len()),
+        "matmul: destination too small"
+    );
     let reach = |(data, cs, rs): (&[f32], isize, isize), rows: usize, cols: usize| {
         rows == 0 || cols == 0 || {
             let last = (rows as isize - 1) * rs + (cols as isize - 1) * cs;
@@ -32,7 +50,7 @@ pub fn matmul(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.0.as_ptr(),
             lhs.1,
@@ -45,7 +63,20 @@ pub fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            parallelism(m, n, k),
         );
     }
 }
+
+/// Threads for one product: below about a million multiply-adds, waking the pool costs more than
+/// it saves.
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < SERIAL_BELOW {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(threads)
+    }
+}
+
+const SERIAL_BELOW: usize = 1 << 24;

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use candle_core::{CpuStorage, Storage};
 use rayon::prelude::*;
-use scalpel_core::gemm::matmul;
+use scalpel_core::gemm::{matmul, matmul_strided};
 use scalpel_models::config::{Act, Config, Mlp, Norm, Pos};
 
 use crate::optim::AdamW;
@@ -39,7 +39,15 @@ struct Pool(std::sync::Mutex<Vec<Vec<f32>>>);
 impl Pool {
     /// A zero-filled vector of length `n`, reusing the smallest free buffer that fits.
     fn zeros(&self, n: usize) -> Vec<f32> {
-        let mut v = {
+        let mut v = self.take(n);
+        v.clear();
+        v.resize(n, 0.0);
+        v
+    }
+
+    /// The smallest free buffer that holds `n` values (or a new one), contents as left.
+    fn take(&self, n: usize) -> Vec<f32> {
+        {
             let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
             let best = free
                 .iter()
@@ -51,15 +59,24 @@ impl Pool {
                 Some(i) => free.swap_remove(i),
                 None => Vec::with_capacity(n),
             }
-        };
-        v.clear();
-        v.resize(n, 0.0);
+        }
+    }
+
+    /// A vector of length `n` with unspecified contents, for outputs written in full.
+    fn scratch(&self, n: usize) -> Vec<f32> {
+        let mut v = self.take(n);
+        // Grow with zeros only past the old length; the caller overwrites everything.
+        if v.len() < n {
+            v.resize(n, 0.0);
+        } else {
+            v.truncate(n);
+        }
         v
     }
 
     /// A copy of `x` in a pooled buffer.
     fn copy(&self, x: &[f32]) -> Vec<f32> {
-        let mut v = self.zeros(x.len());
+        let mut v = self.scratch(x.len());
         v.copy_from_slice(x);
         v
     }
@@ -105,9 +122,9 @@ fn ln_fwd(
     eps: f64,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = x.len() / d;
-    let mut y = pool.zeros(x.len());
-    let mut xhat = pool.zeros(x.len());
-    let mut rstd = pool.zeros(rows);
+    let mut y = pool.scratch(x.len());
+    let mut xhat = pool.scratch(x.len());
+    let mut rstd = pool.scratch(rows);
     y.par_chunks_mut(d)
         .zip(xhat.par_chunks_mut(d))
         .zip(rstd.par_iter_mut())
@@ -142,7 +159,7 @@ fn ln_bwd(
             db[j] += dyr[j];
         }
     }
-    let mut dx = pool.zeros(dy.len());
+    let mut dx = pool.scratch(dy.len());
     dx.par_chunks_mut(d)
         .zip(dy.par_chunks(d))
         .zip(xhat.par_chunks(d))
@@ -166,7 +183,7 @@ fn ln_bwd(
 
 /// Rows `rows` of a `[n, d]` matrix.
 fn gather(pool: &Pool, x: &[f32], rows: &[usize], d: usize) -> Vec<f32> {
-    let mut out = pool.zeros(rows.len() * d);
+    let mut out = pool.scratch(rows.len() * d);
     for (o, &r) in out.chunks_exact_mut(d).zip(rows) {
         o.copy_from_slice(&x[r * d..(r + 1) * d]);
     }
@@ -244,6 +261,17 @@ impl Fused {
             cfg: cfg.clone(),
             pool: Pool::default(),
         })
+    }
+
+    /// Row-major matrices stacked on top of each other, in a pooled buffer.
+    fn stack_rows(&self, parts: &[&[f32]]) -> Vec<f32> {
+        let mut out = self.pool.scratch(parts.iter().map(|x| x.len()).sum());
+        let mut at = 0;
+        for x in parts {
+            out[at..at + x.len()].copy_from_slice(x);
+            at += x.len();
+        }
+        out
     }
 
     /// Returns gradient buffers to the pool once the optimiser has used them.
@@ -352,7 +380,8 @@ impl Fused {
         // Blocks; the last computes only the targeted rows.
         let mut caches = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
-            let rows = if l + 1 == c.n_layers && target_rows.len() < n {
+            // Restricting the last block pays only when it skips a good share of the rows.
+            let rows = if l + 1 == c.n_layers && target_rows.len() * 4 < n * 3 {
                 Some(target_rows.clone())
             } else {
                 None
@@ -518,10 +547,40 @@ impl Fused {
             }
         };
         let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
-        linear(&mut q, &a_r, r, "attn.q", hd);
-        self.pool.give(a_r);
-        linear(&mut k, &a, n, "attn.k", hd);
-        linear(&mut v, &a, n, "attn.v", hd);
+        if rows.is_none() {
+            // One product for q, k and v: [n, d] · [d, 3·h·dh] runs faster than three thin ones.
+            let w_qkv = self.stack_rows(&[
+                w.get(&name("attn.q.w")),
+                w.get(&name("attn.k.w")),
+                w.get(&name("attn.v.w")),
+            ]);
+            let mut qkv = self.pool.scratch(n * 3 * hd);
+            mm_nt(&mut qkv, &a, &w_qkv, n, d, 3 * hd, false);
+            self.pool.give(w_qkv);
+            for (dst, part) in [(&mut q, "q"), (&mut k, "k"), (&mut v, "v")] {
+                let at = match part {
+                    "q" => 0,
+                    "k" => hd,
+                    _ => 2 * hd,
+                };
+                *dst = self.pool.scratch(n * hd);
+                for (o, row) in dst.chunks_exact_mut(hd).zip(qkv.chunks_exact(3 * hd)) {
+                    o.copy_from_slice(&row[at..at + hd]);
+                }
+                if let Some(b) = w.opt(&name(&format!("attn.{part}.b"))) {
+                    for o in dst.chunks_exact_mut(hd) {
+                        add(o, b);
+                    }
+                }
+            }
+            self.pool.give(qkv);
+            self.pool.give(a_r);
+        } else {
+            linear(&mut q, &a_r, r, "attn.q", hd);
+            self.pool.give(a_r);
+            linear(&mut k, &a, n, "attn.k", hd);
+            linear(&mut v, &a, n, "attn.v", hd);
+        }
 
         // Attention, one sequence per task. Query rows of sequence s are the contiguous run of
         // `rows` with token index in [s·p, (s+1)·p).
@@ -537,34 +596,18 @@ impl Fused {
                 .enumerate()
                 .for_each(|(s, (pat, zs))| {
                     let (q0, positions) = &q_pos[s];
-                    for (qi, &t) in positions.iter().enumerate() {
-                        let qrow = &q[(q0 + qi) * hd..][..hd];
-                        let zrow = &mut zs[qi * hd..][..hd];
-                        for head in 0..h {
-                            let qh = &qrow[head * dh..][..dh];
-                            let prow = &mut pat[(head * p + t) * p..][..p];
-                            let mut max = f32::NEG_INFINITY;
-                            for j in 0..=t {
-                                let kh = &k[((s * p + j) * hd + head * dh)..][..dh];
-                                let sc = dot(qh, kh) * scale;
-                                prow[j] = sc;
-                                max = max.max(sc);
-                            }
-                            let mut sum = 0f32;
-                            for pj in prow.iter_mut().take(t + 1) {
-                                *pj = (*pj - max).exp();
-                                sum += *pj;
-                            }
-                            let zh = &mut zrow[head * dh..][..dh];
-                            for j in 0..=t {
-                                prow[j] /= sum;
-                                let vh = &v[((s * p + j) * hd + head * dh)..][..dh];
-                                for e in 0..dh {
-                                    zh[e] += prow[j] * vh[e];
-                                }
-                            }
-                        }
-                    }
+                    let nq = positions.len();
+                    let seq = Seq {
+                        q: &q[q0 * hd..(q0 + nq) * hd],
+                        k: &k[s * p * hd..(s + 1) * p * hd],
+                        v: &v[s * p * hd..(s + 1) * p * hd],
+                        positions,
+                        h,
+                        dh,
+                        p,
+                        scale,
+                    };
+                    seq.forward(pat, zs);
                 });
         }
         let mut attn_out = Vec::new();
@@ -722,59 +765,71 @@ impl Fused {
                 .enumerate()
                 .for_each(|(s, ((dqs, dks), dvs))| {
                     let (q0, positions) = &q_pos[s];
-                    let mut dpat = self.pool.zeros(p);
-                    for (qi, &t) in positions.iter().enumerate() {
-                        let qrow = &q[(q0 + qi) * hd..][..hd];
-                        let dzrow = &dz[(q0 + qi) * hd..][..hd];
-                        for head in 0..h {
-                            let prow = &pat[(s * h + head) * p * p + t * p..][..p];
-                            let dzh = &dzrow[head * dh..][..dh];
-                            let mut weighted = 0f32;
-                            for j in 0..=t {
-                                let vh = &v[((s * p + j) * hd + head * dh)..][..dh];
-                                dpat[j] = dot(dzh, vh);
-                                weighted += prow[j] * dpat[j];
-                                let dvh = &mut dvs[j * hd + head * dh..][..dh];
-                                for e in 0..dh {
-                                    dvh[e] += prow[j] * dzh[e];
-                                }
-                            }
-                            let qh = &qrow[head * dh..][..dh];
-                            for j in 0..=t {
-                                let ds = prow[j] * (dpat[j] - weighted) * scale;
-                                if ds == 0.0 {
-                                    continue;
-                                }
-                                let kh = &k[((s * p + j) * hd + head * dh)..][..dh];
-                                let dqh = &mut dqs[qi * hd + head * dh..][..dh];
-                                for e in 0..dh {
-                                    dqh[e] += ds * kh[e];
-                                }
-                                let dkh = &mut dks[j * hd + head * dh..][..dh];
-                                for e in 0..dh {
-                                    dkh[e] += ds * qh[e];
-                                }
-                            }
-                        }
-                    }
+                    let nq = positions.len();
+                    let seq = Seq {
+                        q: &q[q0 * hd..(q0 + nq) * hd],
+                        k: &k[s * p * hd..(s + 1) * p * hd],
+                        v: &v[s * p * hd..(s + 1) * p * hd],
+                        positions,
+                        h,
+                        dh,
+                        p,
+                        scale,
+                    };
+                    let pat = &pat[s * h * p * p..(s + 1) * h * p * p];
+                    seq.backward(pat, &dz[q0 * hd..(q0 + nq) * hd], dqs, dks, dvs);
                 });
         }
         // q, k, v projections → gradient of the (normalised) input a.
         let mut da = self.pool.zeros(n * d);
-        lin_bwd(g, &dk, &cache.a, n, "attn.k", hd, &mut da);
-        lin_bwd(g, &dv, &cache.a, n, "attn.v", hd, &mut da);
-        match &cache.rows {
-            Some(rows) => {
-                let a_r = gather(&self.pool, &cache.a, rows, d);
-                let mut da_r = self.pool.zeros(r * d);
-                lin_bwd(g, &dq, &a_r, r, "attn.q", hd, &mut da_r);
-                for (i, &row) in rows.iter().enumerate() {
-                    add(&mut da[row * d..][..d], &da_r[i * d..][..d]);
-                }
-                self.pool.give(a_r);
-                self.pool.give(da_r);
+        if cache.rows.is_none() {
+            // One product each for the stacked weight gradient and the input gradient.
+            let mut dqkv = self.pool.scratch(n * 3 * hd);
+            for (row, ((gq, gk), gv)) in dqkv.chunks_exact_mut(3 * hd).zip(
+                dq.chunks_exact(hd)
+                    .zip(dk.chunks_exact(hd))
+                    .zip(dv.chunks_exact(hd)),
+            ) {
+                row[..hd].copy_from_slice(gq);
+                row[hd..2 * hd].copy_from_slice(gk);
+                row[2 * hd..].copy_from_slice(gv);
             }
-            None => lin_bwd(g, &dq, &cache.a, n, "attn.q", hd, &mut da),
+            let mut gw = self.pool.zeros(3 * hd * d);
+            mm_tn(&mut gw, &dqkv, &cache.a, n, 3 * hd, d);
+            for (i, part) in ["q", "k", "v"].into_iter().enumerate() {
+                add(
+                    g.get(&name(&format!("attn.{part}.w"))),
+                    &gw[i * hd * d..(i + 1) * hd * d],
+                );
+                if let Some(db) = g.0.get_mut(&name(&format!("attn.{part}.b"))) {
+                    for row in dqkv.chunks_exact(3 * hd) {
+                        add(db, &row[i * hd..(i + 1) * hd]);
+                    }
+                }
+            }
+            let w_qkv = self.stack_rows(&[
+                w.get(&name("attn.q.w")),
+                w.get(&name("attn.k.w")),
+                w.get(&name("attn.v.w")),
+            ]);
+            mm_nn(&mut da, &dqkv, &w_qkv, n, 3 * hd, d, false);
+            for buf in [dqkv, gw, w_qkv] {
+                self.pool.give(buf);
+            }
+        } else {
+            lin_bwd(g, &dk, &cache.a, n, "attn.k", hd, &mut da);
+            lin_bwd(g, &dv, &cache.a, n, "attn.v", hd, &mut da);
+        }
+        // Queries of a restricted block (the stacked path above handled them otherwise).
+        if let Some(rows) = &cache.rows {
+            let a_r = gather(&self.pool, &cache.a, rows, d);
+            let mut da_r = self.pool.zeros(r * d);
+            lin_bwd(g, &dq, &a_r, r, "attn.q", hd, &mut da_r);
+            for (i, &row) in rows.iter().enumerate() {
+                add(&mut da[row * d..][..d], &da_r[i * d..][..d]);
+            }
+            self.pool.give(a_r);
+            self.pool.give(da_r);
         }
         let mut dx = match &cache.ln1 {
             Some((xh, rs)) if ln => {
@@ -811,29 +866,186 @@ impl Fused {
     }
 }
 
+/// Causal attention of one sequence, head by head, as small matrix products: the query rows
+/// (`[nq, h·dh]`, at `positions`), keys and values (`[p, h·dh]`).
+struct Seq<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    positions: &'a [usize],
+    h: usize,
+    dh: usize,
+    p: usize,
+    scale: f32,
+}
+
+impl Seq<'_> {
+    /// Fills `pat [h, p, p]` (the rows of the query positions) and `z [nq, h·dh]`.
+    fn forward(&self, pat: &mut [f32], z: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { self.forward_avx2(pat, z) };
+        }
+        self.forward_body(pat, z)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn forward_avx2(&self, pat: &mut [f32], z: &mut [f32]) {
+        self.forward_body(pat, z)
+    }
+
+    #[inline(always)]
+    fn forward_body(&self, pat: &mut [f32], z: &mut [f32]) {
+        let (nq, p, dh, hd) = (self.positions.len(), self.p, self.dh, self.h * self.dh);
+        if nq == 0 {
+            return;
+        }
+        let mut probs = vec![0f32; nq * p];
+        for head in 0..self.h {
+            let o = head * dh;
+            // scores [nq, p] = Q_h K_hᵀ
+            matmul_strided(
+                nq,
+                p,
+                dh,
+                (&mut probs, p),
+                false,
+                (&self.q[o..], 1, hd as isize),
+                (&self.k[o..], hd as isize, 1),
+            );
+            for (row, &t) in probs.chunks_exact_mut(p).zip(self.positions) {
+                let mut max = f32::NEG_INFINITY;
+                for x in &mut row[..=t] {
+                    *x *= self.scale;
+                    max = max.max(*x);
+                }
+                let mut sum = 0f32;
+                for x in &mut row[..=t] {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                for x in &mut row[..=t] {
+                    *x *= inv;
+                }
+                row[t + 1..].fill(0.0);
+                pat[(head * p + t) * p..][..p].copy_from_slice(row);
+            }
+            // z_h [nq, dh] = P V_h
+            matmul_strided(
+                nq,
+                dh,
+                p,
+                (&mut z[o..], hd),
+                false,
+                (&probs, 1, p as isize),
+                (&self.v[o..], 1, hd as isize),
+            );
+        }
+    }
+
+    /// Gradients of the query rows, keys and values from `dz [nq, h·dh]` and the forward's
+    /// pattern `pat [h, p, p]`.
+    fn backward(&self, pat: &[f32], dz: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { self.backward_avx2(pat, dz, dq, dk, dv) };
+        }
+        self.backward_body(pat, dz, dq, dk, dv)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn backward_avx2(
+        &self,
+        pat: &[f32],
+        dz: &[f32],
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        self.backward_body(pat, dz, dq, dk, dv)
+    }
+
+    #[inline(always)]
+    fn backward_body(
+        &self,
+        pat: &[f32],
+        dz: &[f32],
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let (nq, p, dh, hd) = (self.positions.len(), self.p, self.dh, self.h * self.dh);
+        if nq == 0 {
+            return;
+        }
+        let mut probs = vec![0f32; nq * p];
+        let mut ds = vec![0f32; nq * p];
+        for head in 0..self.h {
+            let o = head * dh;
+            for (row, &t) in probs.chunks_exact_mut(p).zip(self.positions) {
+                row.copy_from_slice(&pat[(head * p + t) * p..][..p]);
+            }
+            // dP [nq, p] = dZ_h V_hᵀ
+            matmul_strided(
+                nq,
+                p,
+                dh,
+                (&mut ds, p),
+                false,
+                (&dz[o..], 1, hd as isize),
+                (&self.v[o..], hd as isize, 1),
+            );
+            // dV_h [p, dh] += Pᵀ dZ_h
+            matmul_strided(
+                p,
+                dh,
+                nq,
+                (&mut dv[o..], hd),
+                true,
+                (&probs, p as isize, 1),
+                (&dz[o..], 1, hd as isize),
+            );
+            // Softmax backward: dS = P ⊙ (dP − Σ_j P dP), times the score scale.
+            for (d, pr) in ds.chunks_exact_mut(p).zip(probs.chunks_exact(p)) {
+                let w: f32 = d.iter().zip(pr).map(|(a, b)| a * b).sum();
+                for (x, &pj) in d.iter_mut().zip(pr) {
+                    *x = pj * (*x - w) * self.scale;
+                }
+            }
+            // dQ_h [nq, dh] = dS K_h; dK_h [p, dh] += dSᵀ Q_h
+            matmul_strided(
+                nq,
+                dh,
+                p,
+                (&mut dq[o..], hd),
+                false,
+                (&ds, 1, p as isize),
+                (&self.k[o..], 1, hd as isize),
+            );
+            matmul_strided(
+                p,
+                dh,
+                nq,
+                (&mut dk[o..], hd),
+                true,
+                (&ds, p as isize, 1),
+                (&self.q[o..], 1, hd as isize),
+            );
+        }
+    }
+}
+
 fn add(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += s;
     }
-}
-
-/// Dot product with eight independent sums, so the compiler can keep them in vector registers
-/// (a single running sum would serialise every addition).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Per sequence: the index of its first query row and the positions of its query rows.

@@ -323,30 +323,27 @@ pub(crate) fn row_loss(row: &[f32], t: usize) -> f64 {
 
 /// Writes `g · (softmax(row) − onehot(t))` into `out` and returns the row's loss.
 pub(crate) fn row_loss_grad(row: &[f32], t: usize, g: f64, out: &mut [f32]) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    // One exponential per entry: e_j = exp(x_j − max), kept in `out` until normalised.
-    let mut others = 0f64;
-    for (j, (&x, o)) in row.iter().zip(out.iter_mut()).enumerate() {
-        let e = (x as f64 - max).exp();
-        *o = e as f32;
-        if j != t {
-            others += e;
-        }
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    // One f32 exponential per entry (relative error ~1e-7 even for tiny values), e_j = exp(x_j −
+    // max), kept in `out` until normalised; sums in f64.
+    for (&x, o) in row.iter().zip(out.iter_mut()) {
+        *o = (x - max).exp();
     }
-    let xt = row[t] as f64;
-    let et = (xt - max).exp();
+    let et = out[t] as f64;
+    let others: f64 = out.iter().map(|&e| e as f64).sum::<f64>() - et;
+    let others = others.max(0.0);
     let total = et + others;
-    for (j, o) in out.iter_mut().enumerate() {
-        if j != t {
-            *o = (g * *o as f64 / total) as f32;
-        }
+    let scale = (g / total) as f32;
+    for o in out.iter_mut() {
+        *o *= scale;
     }
     out[t] = (-g * others / total) as f32;
+    let xt = row[t];
     if xt >= max {
         // e_t = 1: ln(1 + Σ_{j≠t} e_j) without cancellation.
         others.ln_1p()
     } else {
-        total.ln() - (xt - max)
+        total.ln() - (xt as f64 - max as f64)
     }
 }
 

@@ -248,8 +248,7 @@ pub fn text(s: &Summary) -> String {
          - previous-token head L{pl}H{ph}: score {ps:.3} (uniform attention {cp:.3})\n\
          - induction head L{il}H{ih}: score {isc:.3} (uniform attention {ci:.3})\n\
          - zero-ablating L{il}H{ih} raises the in-context loss by {ind_abl:.3} nats\n\
-         - with L0H{ph} zero-ablated, L{il}H{ih}'s induction score falls to {without}\n\
-         - K-composition L0H{ph} → L1H{ih}: {k_comp}\n",
+         {composition}",
         layers = c.n_layers,
         d = c.d_model,
         h = c.n_heads,
@@ -265,8 +264,12 @@ pub fn text(s: &Summary) -> String {
         cp = a.chance_prev_token,
         isc = p.induction_scores[il][ih],
         ci = a.chance_induction,
-        without = a
-            .induction_score_without_prev_token_head
-            .map_or("n/a (one layer)".to_string(), |v| format!("{v:.3}")),
+        composition = match a.induction_score_without_prev_token_head {
+            Some(v) => format!(
+                "- with L0H{ph} zero-ablated, L{il}H{ih}'s induction score falls to {v:.3}\n\
+                 - K-composition L0H{ph} → L1H{ih}: {k_comp}\n"
+            ),
+            None => "- one layer: no composition is possible (the control)\n".to_string(),
+        },
     )
 }

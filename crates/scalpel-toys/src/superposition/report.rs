@@ -148,28 +148,12 @@ pub fn importance_sweep(out: &Report, analyses: &[InstanceAnalysis]) -> Result<(
 pub fn dimensionality_sweep(out: &Report, analyses: &[InstanceAnalysis]) -> Result<()> {
     tables(out, "dimensionality_sweep", analyses)?;
     let x: Vec<f64> = analyses.iter().map(|a| 1.0 / a.feature_prob).collect();
-    let mut series = vec![Series {
+    let series = vec![Series {
         name: "D* = m / ‖W‖²_F".into(),
         x: x.clone(),
         y: analyses.iter().map(|a| a.dims_per_feature).collect(),
     }];
-    // Each represented feature's D_i as a point cloud (one series, sorted by x).
-    let (mut px, mut py) = (Vec::new(), Vec::new());
-    for a in analyses {
-        for (&d, &norm) in a.dimensionality.iter().zip(&a.norms) {
-            if norm > 0.5 {
-                px.push(1.0 / a.feature_prob);
-                py.push(d);
-            }
-        }
-    }
-    let mut order: Vec<usize> = (0..px.len()).collect();
-    order.sort_by(|&a, &b| px[a].total_cmp(&px[b]).then(py[a].total_cmp(&py[b])));
-    series.push(Series {
-        name: "feature dimensionality D_i (represented features)".into(),
-        x: order.iter().map(|&i| px[i]).collect(),
-        y: order.iter().map(|&i| py[i]).collect(),
-    });
+    // (Each feature's D_i is in dimensionality_sweep_features.csv.)
     let hlines = [
         (1.0, "1"),
         (0.75, "3/4"),
