@@ -4,6 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
+use scalpel_core::gemm::dot;
 
 /// The data of a contiguous f32 CPU tensor.
 fn f32_contiguous<'a>(
@@ -148,25 +149,6 @@ impl AttentionRows<'_> {
             }
         }
     }
-}
-
-/// `a · b` with eight independent partial sums, so the compiler can vectorise it.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Half-split rotary of one head vector, times `scale`, into `out`.

@@ -20,6 +20,17 @@ fn file_err(path: &Path, msg: impl std::fmt::Display) -> ToyError {
     }
 }
 
+/// Checks that checkpoints fall on evaluation steps (`checkpoint_every` a multiple of
+/// `eval_every`), so each checkpoint carries the evaluation of its own step.
+pub fn check_cadence(eval_every: usize, checkpoint_every: usize) -> Result<()> {
+    if eval_every == 0 || !checkpoint_every.is_multiple_of(eval_every) {
+        return Err(ToyError::Config(format!(
+            "checkpoint_every ({checkpoint_every}) must be a multiple of eval_every ({eval_every})"
+        )));
+    }
+    Ok(())
+}
+
 /// Writes the optimiser's parameters and moments with `meta` (any JSON: the config, the step,
 /// metrics) to `path`.
 pub fn save(path: &Path, opt: &AdamW, meta: &serde_json::Value) -> Result<()> {

@@ -263,6 +263,26 @@ impl Fused {
         })
     }
 
+    /// LayerNorm `{prefix}.w/.b` backward: adds the weight and bias gradients, returns the
+    /// input gradient (recycling `dy`).
+    fn norm_bwd(
+        &self,
+        w: &Params,
+        g: &mut Grads,
+        prefix: &str,
+        dy: Vec<f32>,
+        (xhat, rstd): &(Vec<f32>, Vec<f32>),
+    ) -> Vec<f32> {
+        let d = self.cfg.d_model;
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        let weight = w.get(&format!("{prefix}.w"));
+        let dx = ln_bwd(&self.pool, &dy, xhat, rstd, weight, &mut dw, &mut db);
+        self.pool.give(dy);
+        add(g.get(&format!("{prefix}.w")), &dw);
+        add(g.get(&format!("{prefix}.b")), &db);
+        dx
+    }
+
     /// Row-major matrices stacked on top of each other, in a pooled buffer.
     fn stack_rows(&self, parts: &[&[f32]]) -> Vec<f32> {
         let mut out = self.pool.scratch(parts.iter().map(|x| x.len()).sum());
@@ -430,20 +450,9 @@ impl Fused {
         mm_tn(g.get("unembed.w"), &dlogits, &xf, r, v_sz, d);
         let mut dx = self.pool.zeros(r * d);
         mm_nn(&mut dx, &dlogits, w_u, r, v_sz, d, false);
-        if let Some((xh, rs)) = &lnf {
-            let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-            let y = ln_bwd(
-                &self.pool,
-                &dx,
-                xh,
-                rs,
-                w.get("ln_final.w"),
-                &mut dw,
-                &mut db,
-            );
-            self.pool.give(std::mem::replace(&mut dx, y));
-            add(g.get("ln_final.w"), &dw);
-            add(g.get("ln_final.b"), &db);
+        if let Some(stats) = &lnf {
+            let dy = std::mem::take(&mut dx);
+            dx = self.norm_bwd(w, g, "ln_final", dy, stats);
         }
         self.pool.give(logits);
         self.pool.give(dlogits);
@@ -723,22 +732,7 @@ impl Fused {
             lin_bwd(g, &dpre, &cache.a2, r, "mlp.in", m, &mut da2);
             self.pool.give(dpre);
             let dmid = match &cache.ln2 {
-                Some((xh, rs)) if ln => {
-                    let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-                    let dx = ln_bwd(
-                        &self.pool,
-                        &da2,
-                        xh,
-                        rs,
-                        w.get(&name("ln2.w")),
-                        &mut dw,
-                        &mut db,
-                    );
-                    self.pool.give(da2);
-                    add(g.get(&name("ln2.w")), &dw);
-                    add(g.get(&name("ln2.b")), &db);
-                    dx
-                }
+                Some(stats) if ln => self.norm_bwd(w, g, &name("ln2"), da2, stats),
                 _ => da2,
             };
             add(&mut dresid, &dmid);
@@ -832,22 +826,7 @@ impl Fused {
             self.pool.give(da_r);
         }
         let mut dx = match &cache.ln1 {
-            Some((xh, rs)) if ln => {
-                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-                let dx = ln_bwd(
-                    &self.pool,
-                    &da,
-                    xh,
-                    rs,
-                    w.get(&name("ln1.w")),
-                    &mut dw,
-                    &mut db,
-                );
-                self.pool.give(da);
-                add(g.get(&name("ln1.w")), &dw);
-                add(g.get(&name("ln1.b")), &db);
-                dx
-            }
+            Some(stats) if ln => self.norm_bwd(w, g, &name("ln1"), da, stats),
             _ => da,
         };
         // The residual path.

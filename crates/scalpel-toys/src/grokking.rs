@@ -118,23 +118,12 @@ impl GrokConfig {
         if self.epochs == 0 || self.eval_every == 0 || self.checkpoint_every == 0 {
             return bad("epochs, eval_every and checkpoint_every must be positive".into());
         }
-        if !self.checkpoint_every.is_multiple_of(self.eval_every) {
-            return bad(format!(
-                "checkpoint_every ({}) must be a multiple of eval_every ({})",
-                self.checkpoint_every, self.eval_every
-            ));
-        }
+        checkpoint::check_cadence(self.eval_every, self.checkpoint_every)?;
         self.adam().validate()
     }
 
     fn adam(&self) -> AdamWConfig {
-        AdamWConfig {
-            lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: 1e-8,
-            weight_decay: self.weight_decay,
-        }
+        AdamWConfig::new(self.lr, self.beta1, self.beta2, self.weight_decay)
     }
 
     /// The transformer: one layer, no normaliser, learned positions, ReLU MLP with biases,

@@ -39,6 +39,17 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// The settings with PyTorch's eps.
+    pub fn new(lr: f64, beta1: f64, beta2: f64, weight_decay: f64) -> Self {
+        AdamWConfig {
+            lr,
+            beta1,
+            beta2,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+
     /// Rejects settings that cannot train, naming the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(ToyError::Config(m.to_string()));

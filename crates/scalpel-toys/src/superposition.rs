@@ -18,6 +18,7 @@
 
 pub mod report;
 
+use scalpel_core::gemm::dot;
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
@@ -659,25 +660,6 @@ fn instance_pass_body(
         }
     }
     loss / batch as f64
-}
-
-/// `a · b` with eight running sums, so the loop vectorises.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// xoshiro256++ (Blackman & Vigna): the data stream. StdRng (ChaCha12) costs more than the whole
