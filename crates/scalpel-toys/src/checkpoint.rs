@@ -2,7 +2,7 @@
 //! one safetensors file, written atomically so an interrupted save never leaves a torn file.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use scalpel_models::files::TempPath;
@@ -18,6 +18,62 @@ fn file_err(path: &Path, msg: impl std::fmt::Display) -> ToyError {
         path: path.display().to_string(),
         msg: msg.to_string(),
     }
+}
+
+/// Resumes a run from the newest `checkpoint-*.safetensors` in `dir`, if any: checks that it was
+/// made with `cfg` (`extend` copies the run's length from `cfg` into the saved config, the one
+/// setting that may change), restores the optimiser and returns the step and the saved
+/// evaluation points.
+pub fn resume<C, P>(
+    dir: &Path,
+    cfg: &C,
+    extend: impl Fn(C) -> C,
+    opt: &mut AdamW,
+) -> Result<Option<(usize, Vec<P>)>>
+where
+    C: serde::de::DeserializeOwned + PartialEq,
+    P: serde::de::DeserializeOwned,
+{
+    let Some((step, path)) = list(dir)?.pop() else {
+        return Ok(None);
+    };
+    let ck = load(&path)?;
+    let unreadable =
+        |what: &str, e: serde_json::Error| file_err(&path, format!("no readable {what}: {e}"));
+    let saved: C =
+        serde_json::from_value(ck.meta["config"].clone()).map_err(|e| unreadable("config", e))?;
+    if &extend(saved) != cfg {
+        return Err(ToyError::Config(format!(
+            "{} holds checkpoints of a different configuration; use a new folder or the same settings",
+            dir.display()
+        )));
+    }
+    ck.restore(opt)?;
+    let points = serde_json::from_value(ck.meta["points"].clone())
+        .map_err(|e| unreadable("evaluation points", e))?;
+    Ok(Some((step, points)))
+}
+
+/// The `checkpoint-{step}.safetensors` files in `dir`, by step (none when `dir` does not exist).
+pub fn list(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(file_err(dir, e)),
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(n) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+            .and_then(|s| s.parse::<usize>().ok())
+        {
+            out.push((n, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Checks that checkpoints fall on evaluation steps (`checkpoint_every` a multiple of

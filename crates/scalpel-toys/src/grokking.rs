@@ -476,26 +476,12 @@ pub fn train(cfg: &GrokConfig, dir: Option<&Path>, on_step: OnStep) -> Result<Ru
     let mut start = 0;
     if let Some(dir) = dir {
         checkpoints = list_checkpoints(dir)?;
-        if let Some((epoch, path)) = checkpoints.last().cloned() {
-            let ck = checkpoint::load(&path)?;
-            let saved: GrokConfig =
-                serde_json::from_value(ck.meta["config"].clone()).map_err(|e| ToyError::File {
-                    path: path.display().to_string(),
-                    msg: format!("no readable config: {e}"),
-                })?;
-            // Only the length may change: a finished run can be extended.
-            let same = GrokConfig {
-                epochs: cfg.epochs,
-                ..saved.clone()
-            };
-            if &same != cfg {
-                return Err(ToyError::Config(format!(
-                    "{} holds checkpoints of a different configuration; use a new folder or the same settings",
-                    dir.display()
-                )));
-            }
-            ck.restore(&mut model.opt)?;
-            points = serde_json::from_value(ck.meta["points"].clone()).unwrap_or_default();
+        let extend = |saved: GrokConfig| GrokConfig {
+            epochs: cfg.epochs,
+            ..saved
+        };
+        if let Some((epoch, saved)) = checkpoint::resume(dir, cfg, extend, &mut model.opt)? {
+            points = saved;
             start = epoch;
         }
     }
@@ -559,29 +545,7 @@ pub fn evaluate(model: &Trainable, data: &Dataset, epoch: usize) -> Result<Point
 
 /// The checkpoints in `dir`, by epoch.
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let mut out = Vec::new();
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => {
-            return Err(ToyError::File {
-                path: dir.display().to_string(),
-                msg: e.to_string(),
-            })
-        }
-    };
-    for entry in rd.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if let Some(n) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|s| s.strip_suffix(".safetensors"))
-            .and_then(|s| s.parse::<usize>().ok())
-        {
-            out.push((n, entry.path()));
-        }
-    }
-    out.sort();
-    Ok(out)
+    checkpoint::list(dir)
 }
 
 /// Loads a grokking checkpoint into a fresh model (with its config and dataset).

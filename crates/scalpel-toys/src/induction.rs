@@ -874,30 +874,12 @@ pub fn train(cfg: &InductionConfig, dir: Option<&Path>, on_step: OnStep) -> Resu
     let mut start = 0;
     if let Some(dir) = dir {
         checkpoints = list_checkpoints(dir)?;
-        if let Some((step, path)) = checkpoints.last().cloned() {
-            let ck = checkpoint::load(&path)?;
-            let saved: InductionConfig = serde_json::from_value(ck.meta["config"].clone())
-                .map_err(|e| ToyError::File {
-                    path: path.display().to_string(),
-                    msg: format!("no readable config: {e}"),
-                })?;
-            // Only the length may change: a finished run can be extended.
-            let same = InductionConfig {
-                steps: cfg.steps,
-                ..saved.clone()
-            };
-            if &same != cfg {
-                return Err(ToyError::Config(format!(
-                    "{} holds checkpoints of a different configuration; use a new folder or the same settings",
-                    dir.display()
-                )));
-            }
-            ck.restore(&mut model.opt)?;
-            points =
-                serde_json::from_value(ck.meta["points"].clone()).map_err(|e| ToyError::File {
-                    path: path.display().to_string(),
-                    msg: format!("no readable evaluation points: {e}"),
-                })?;
+        let extend = |saved: InductionConfig| InductionConfig {
+            steps: cfg.steps,
+            ..saved
+        };
+        if let Some((step, saved)) = checkpoint::resume(dir, cfg, extend, &mut model.opt)? {
+            points = saved;
             start = step;
         }
     }
@@ -934,7 +916,7 @@ pub fn train(cfg: &InductionConfig, dir: Option<&Path>, on_step: OnStep) -> Resu
 
 /// The checkpoints in `dir`, by step.
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    crate::grokking::list_checkpoints(dir)
+    checkpoint::list(dir)
 }
 
 /// Loads an induction checkpoint into a fresh model, with its config.
