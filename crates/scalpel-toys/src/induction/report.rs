@@ -240,8 +240,10 @@ pub fn text(s: &Summary) -> String {
         });
     format!(
         "# Induction heads\n\n\
-         {layers}-layer attention-only transformer (d_model {d}, {h} heads), vocab {v}, sequences \
-         of a random half of {half} tokens repeated, {steps} steps.\n\n\
+         {layers}-layer attention-only transformer (d_model {d}, {h} heads), vocab {v}, trained \
+         {steps} steps on random sequences of {len} tokens in which a segment of {minseg} to {half} \
+         tokens is copied to a random later place; scored on sequences of a random half of {half} \
+         tokens repeated.\n\n\
          - phase change: in-context loss below ln(vocab)/2 at {ls}; an induction score above 0.5 \
            at {is}\n\
          - final losses: first half {fh:.3} (ln vocab = {lnv:.3}), second half {sh:.3}\n\
@@ -254,6 +256,8 @@ pub fn text(s: &Summary) -> String {
         h = c.n_heads,
         v = c.vocab,
         half = c.half,
+        len = 2 * c.half,
+        minseg = c.min_segment,
         steps = c.steps,
         ls = opt(s.phase.loss_step),
         is = opt(s.phase.induction_step),
