@@ -217,10 +217,9 @@ struct Params<'a>(HashMap<&'a str, &'a [f32]>);
 
 impl<'a> Params<'a> {
     fn get(&self, name: &str) -> &'a [f32] {
-        self.0
-            .get(name)
-            .copied()
-            .unwrap_or_else(|| panic!("fused trainer: no parameter {name} (checked in new)"))
+        self.0.get(name).copied().unwrap_or_else(|| {
+            panic!("fused trainer: no parameter {name} (checked before the pass)")
+        })
     }
 
     fn opt(&self, name: &str) -> Option<&'a [f32]> {
@@ -294,6 +293,33 @@ impl Fused {
         out
     }
 
+    /// The canonical names of the weights the forward pass reads.
+    fn required(&self) -> Vec<String> {
+        let c = &self.cfg;
+        let ln = c.norm == Norm::LayerNorm;
+        let mut v = vec!["embed.w".to_string(), "unembed.w".to_string()];
+        if c.pos == Pos::Learned {
+            v.push("pos_embed.w".into());
+        }
+        if c.final_norm && ln {
+            v.extend(["ln_final.w".into(), "ln_final.b".into()]);
+        }
+        for l in 0..c.n_layers {
+            let mut s = vec!["attn.q.w", "attn.k.w", "attn.v.w", "attn.o.w"];
+            if ln {
+                s.extend(["ln1.w", "ln1.b"]);
+            }
+            if c.mlp.is_some() {
+                s.extend(["mlp.in.w", "mlp.out.w"]);
+                if ln {
+                    s.extend(["ln2.w", "ln2.b"]);
+                }
+            }
+            v.extend(s.into_iter().map(|x| format!("blocks.{l}.{x}")));
+        }
+        v
+    }
+
     /// Returns gradient buffers to the pool once the optimiser has used them.
     pub fn recycle(&self, grads: Vec<Option<Vec<f32>>>) {
         for g in grads.into_iter().flatten() {
@@ -351,6 +377,13 @@ impl Fused {
                 )));
             };
             map.insert(*name, &data[a..b]);
+        }
+        for name in self.required() {
+            if !map.contains_key(name.as_str()) {
+                return Err(ToyError::Config(format!(
+                    "the optimiser holds no parameter {name}, which this model needs"
+                )));
+            }
         }
         let w = Params(map);
         let mut grads = Grads(

@@ -213,3 +213,18 @@ fn training_steps_agree_between_fused_and_autograd() {
     bad[0] = 999;
     assert!(a.train_step(&bad, 4, &targets, 1e-2).is_err());
 }
+
+#[test]
+fn an_optimiser_without_the_models_weights_is_an_error() {
+    let (_, cfg) = variants().remove(1);
+    let fused = Fused::new(&cfg).unwrap();
+    let var = candle_core::Var::new(&[1.0f32], &Device::Cpu).unwrap();
+    let opt =
+        scalpel_toys::optim::AdamW::new(vec![("embed.w".into(), var)], AdamWConfig::default())
+            .unwrap();
+    let (tokens, targets) = data(1, 2, 6, cfg.d_vocab as u32, true);
+    let err = fused
+        .loss_and_grads(&opt, &tokens, 2, &targets)
+        .unwrap_err();
+    assert!(err.to_string().contains("holds no parameter"), "{err}");
+}
