@@ -68,11 +68,13 @@ pub fn matmul_strided(
     }
 }
 
-/// Threads for one product: below about a million multiply-adds, waking the pool costs more than
-/// it saves.
+/// Threads for one product: none inside a task that already runs on the pool (the caller splits
+/// the work at a coarser grain), and none below about sixteen million multiply-adds, where waking
+/// the pool costs more than it saves.
 fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
-    if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < SERIAL_BELOW {
+    let nested = rayon::current_thread_index().is_some();
+    if nested || threads <= 1 || m.saturating_mul(n).saturating_mul(k) < SERIAL_BELOW {
         gemm::Parallelism::None
     } else {
         gemm::Parallelism::Rayon(threads)

@@ -91,15 +91,19 @@ fn autograd(
     )
 }
 
+/// Small batches run as one pass; large ones (≥ 256 tokens) split over the threads by whole
+/// sequences and sum the gradients. Both are checked.
 #[test]
 fn fused_matches_autograd_through_the_core_model() {
     for (name, cfg) in variants() {
-        for every in [true, false] {
+        for (every, batch) in [(true, 3), (false, 3), (true, 50), (false, 51)] {
             let m = model(cfg.clone(), 3);
             let fused = Fused::new(&cfg).unwrap();
-            let (tokens, targets) = data(5, 3, 6, cfg.d_vocab as u32, every);
-            let (l_f, g_f) = fused.loss_and_grads(&m.opt, &tokens, 3, &targets).unwrap();
-            let (l_a, g_a) = autograd(&m, &tokens, 3, &targets);
+            let (tokens, targets) = data(5, batch, 6, cfg.d_vocab as u32, every);
+            let (l_f, g_f) = fused
+                .loss_and_grads(&m.opt, &tokens, batch, &targets)
+                .unwrap();
+            let (l_a, g_a) = autograd(&m, &tokens, batch, &targets);
             assert!(
                 (l_f - l_a).abs() <= 1e-5 * l_a.abs().max(1.0),
                 "{name}: loss {l_f} vs {l_a}"
