@@ -25,8 +25,8 @@ row() { # name, steps, scalpel args, torch args
 echo "| toy (default settings) | scalpel steps/s | PyTorch steps/s | ratio |"
 echo "|---|---|---|---|"
 row "superposition: 7 instances, n 20, m 5, batch 1024" 2000 "superposition" "superposition"
-row "induction: 2 layers x 2 heads, d_model 64, batch 64 x 32 tokens" 300 "induction" "induction"
-row "grokking (quick): p 31, d_model 64, d_mlp 256, full batch 480" 300 \
+row "induction: 2 layers x 2 heads, d_model 64, batch 64 x 32 tokens" 600 "induction" "induction"
+row "grokking (default): p 31, d_model 64, d_mlp 256, full batch 480" 600 \
   "grokking" "grokking --p 31 --frac-train 0.5 --d-model 64 --heads 4 --d-mlp 256 --lr 2e-3"
 row "grokking (paper): p 113, d_model 128, d_mlp 512, full batch 3830" 40 \
   "grokking --paper" "grokking"
