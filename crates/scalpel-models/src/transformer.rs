@@ -442,6 +442,32 @@ impl Model {
         Ok(HookPoint::parse_for(name, &self.hook_points())?)
     }
 
+    /// The final normaliser and the unembedding applied to any residual stream `x [b, p, d]`:
+    /// logits `[b, p, d_vocab]` as if `x` were the last block's output (the logit lens).
+    pub fn unembed_residual(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, p, d) = x.dims3()?;
+        if d != self.cfg.d_model {
+            return Err(ModelError::Input(format!(
+                "a residual of width {d} for a model of d_model {}",
+                self.cfg.d_model
+            )));
+        }
+        let x = match &self.ln_final {
+            Some(ln) => self.norm(
+                Some(ln),
+                x,
+                &mut Hooks::new(),
+                HookPoint::LnFinalScale,
+                HookPoint::LnFinalNormalized,
+                false,
+            )?,
+            None => x.clone(),
+        };
+        Ok(x.reshape((b * p, d))?
+            .matmul(&self.w_u.t()?)?
+            .reshape((b, p, self.cfg.d_vocab))?)
+    }
+
     /// Logits `[b, p, d_vocab]` for token ids `[b, p]` (u32), with no hooks.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
         self.forward_with(tokens, None, &mut Hooks::new(), RunOptions::default())

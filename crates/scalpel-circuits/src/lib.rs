@@ -1,0 +1,15 @@
+//! `scalpel-circuits`: locating the parts of a model that produce a behaviour.
+//!
+//! - [`lens`]: the logit lens (nostalgebraist 2020): the final normaliser and unembedding applied
+//!   to the residual stream after every block.
+//! - [`dla`]: direct logit attribution: the final residual split into embeddings, every head,
+//!   every attention bias and every MLP, each projected on a logit or logit difference through
+//!   the final normaliser with its scale frozen; the parts sum to the whole.
+//!
+//! Everything goes through hook points and the model's public weights.
+
+pub mod dla;
+pub mod error;
+pub mod lens;
+
+pub use error::{CircuitError, Result};

@@ -1,0 +1,141 @@
+//! Identities of the logit lens and of direct logit attribution on tiny random models of every
+//! normaliser (LayerNorm with biases, RMSNorm with rotary and a gated MLP, none).
+
+use candle_core::{Device, Tensor};
+use scalpel_circuits::dla::direct_logit_attribution;
+use scalpel_circuits::lens::logit_lens;
+use scalpel_circuits::CircuitError;
+use scalpel_models::config::{Act, Config, Mlp, Norm, Pos};
+use scalpel_models::transformer::Model;
+use scalpel_toys::transformer::{Init, SeededInit};
+
+fn models() -> Vec<(&'static str, Model)> {
+    let dev = Device::Cpu;
+    let gpt2ish = Config::toy(2, 16, 4, 37, 12, false);
+    let mut llamaish = Config::toy(2, 16, 4, 37, 12, false);
+    llamaish.norm = Norm::RmsNorm;
+    llamaish.pos = Pos::Rotary {
+        theta: 10_000.0,
+        scaling: None,
+    };
+    llamaish.mlp = Some(Mlp::Gated { act: Act::Silu });
+    llamaish.qkv_bias = false;
+    llamaish.attn_out_bias = false;
+    llamaish.mlp_bias = false;
+    let mut bare = Config::toy(1, 16, 2, 37, 12, false);
+    bare.norm = Norm::None;
+    bare.final_norm = false;
+    let attn_only = Config::toy(2, 16, 2, 37, 12, true);
+    vec![
+        ("LayerNorm", gpt2ish),
+        ("RMSNorm", llamaish),
+        ("no norm", bare),
+        ("attention only", attn_only),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (n, c))| {
+        // Every weight random, biases and norm weights included, so every part and the
+        // normaliser's weight and bias all matter.
+        let mut init = SeededInit::new(i as u64 + 1, |name, shape| {
+            if name.ends_with(".b") {
+                Init::Normal(0.2)
+            } else if shape.len() == 1 {
+                Init::Normal(0.8)
+            } else {
+                Init::Normal(0.6 / (shape[1] as f64).sqrt())
+            }
+        });
+        let m = Model::load(c, &mut init, &dev).unwrap();
+        (n, m)
+    })
+    .collect()
+}
+
+fn prompt() -> Tensor {
+    Tensor::new(&[[3u32, 14, 15, 9, 26, 5, 35, 8]], &Device::Cpu).unwrap()
+}
+
+#[test]
+fn the_last_lens_depth_is_the_models_prediction() {
+    for (name, m) in models() {
+        let tokens = prompt();
+        let lens = logit_lens(&m, &tokens, 5, &[7, 30]).unwrap();
+        assert_eq!(lens.depths, m.config().n_layers + 1);
+        let logits = m
+            .forward(&tokens)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (pos, row) in logits.iter().enumerate() {
+            let cell = lens.cell(lens.depths - 1, pos).unwrap();
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            let prob = |t: usize| (row[t] as f64 - max).exp() / z;
+            let best = (0..row.len())
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap();
+            assert_eq!(cell.top[0].token as usize, best, "{name} position {pos}");
+            assert!((cell.top[0].prob - prob(best)).abs() < 1e-5, "{name}");
+            for t in &cell.targets {
+                assert!((t.prob - prob(t.token as usize)).abs() < 1e-5, "{name}");
+                let rank = row.iter().filter(|&&x| x > row[t.token as usize]).count();
+                assert_eq!(t.rank, rank, "{name}");
+            }
+            // Probabilities of the top list are sorted and below 1.
+            assert!(cell.top.windows(2).all(|w| w[0].prob >= w[1].prob));
+        }
+        // Earlier depths differ from the last (the blocks do something).
+        let first = lens.cell(0, 3).unwrap();
+        let last = lens.cell(lens.depths - 1, 3).unwrap();
+        assert_ne!(first.top, last.top, "{name}");
+    }
+}
+
+#[test]
+fn attribution_parts_sum_to_the_logit_and_the_logit_difference() {
+    for (name, m) in models() {
+        let tokens = prompt();
+        for pos in [0usize, 4, 7] {
+            for wrong in [None, Some(21u32)] {
+                let a = direct_logit_attribution(&m, &tokens, Some(pos), 7, wrong).unwrap();
+                let tol = 1e-4 * (1.0 + a.logit.abs());
+                assert!(
+                    (a.total - a.logit).abs() <= tol,
+                    "{name} position {pos} wrong {wrong:?}: parts sum to {} but the logit is {}",
+                    a.total,
+                    a.logit
+                );
+                let heads = a.parts.iter().filter(|p| p.name.contains('H')).count();
+                assert_eq!(heads, m.config().n_layers * m.config().n_heads, "{name}");
+                // No single part carries everything: the decomposition is not trivial.
+                assert!(
+                    a.parts.iter().filter(|p| p.value.abs() > 1e-6).count() > 3,
+                    "{name}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    let (_, m) = models().remove(0);
+    let tokens = prompt();
+    assert!(matches!(
+        direct_logit_attribution(&m, &tokens, Some(8), 7, None),
+        Err(CircuitError::Input(_))
+    ));
+    assert!(matches!(
+        direct_logit_attribution(&m, &tokens, None, 37, None),
+        Err(CircuitError::Input(_))
+    ));
+    assert!(matches!(
+        logit_lens(&m, &tokens, 3, &[99]),
+        Err(CircuitError::Input(_))
+    ));
+    let batch = Tensor::new(&[[1u32, 2], [3, 4]], &Device::Cpu).unwrap();
+    assert!(logit_lens(&m, &batch, 3, &[]).is_err());
+}
