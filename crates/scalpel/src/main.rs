@@ -5,11 +5,13 @@
 mod bench;
 mod convert;
 mod diagnose;
+mod dla;
 mod eval;
 mod generate;
 mod harvest;
 mod hooks;
 mod inspect;
+mod lens;
 mod model;
 mod output;
 mod progress;
@@ -69,6 +71,10 @@ enum Command {
     Toy(toy::Args),
     /// Tell memorisation from generalisation from the inside (grokking checkpoints).
     Diagnose(diagnose::Args),
+    /// The logit lens: each layer's residual through the final norm and unembedding.
+    Lens(lens::Args),
+    /// Direct logit attribution: the answer's logit (difference) split over heads and MLPs.
+    Dla(dla::Args),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +94,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args, json),
         Command::Toy(args) => toy::run(args, json),
         Command::Diagnose(args) => diagnose::run(args, json),
+        Command::Lens(args) => lens::run(args, json),
+        Command::Dla(args) => dla::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,3 +29,18 @@ pub fn encode(tok: &Tokenizer, prompt: &str, chat: bool, system: Option<&str>) -
     }
     Ok(ids)
 }
+
+/// The one token `text` encodes to (no special tokens), or an error naming its tokens: answers
+/// and targets are compared one token at a time.
+pub fn single_token(tok: &Tokenizer, text: &str) -> Result<u32> {
+    let ids = tok.encode(text, false)?;
+    match ids.as_slice() {
+        [id] => Ok(*id),
+        [] => bail!("{text:?} encodes to no tokens; one is needed"),
+        _ => bail!(
+            "{text:?} is {} tokens ({:?}); one is needed (a leading space often matters)",
+            ids.len(),
+            tok.token_strings(&ids)
+        ),
+    }
+}
