@@ -6,10 +6,13 @@
 //!   every attention bias and every MLP, each projected on a logit or logit difference through
 //!   the final normaliser with its scale frozen; the parts sum to the whole.
 //!
+//! - [`heads`]: previous-token, duplicate-token and induction scores of every head.
+//!
 //! Everything goes through hook points and the model's public weights.
 
 pub mod dla;
 pub mod error;
+pub mod heads;
 pub mod lens;
 
 pub use error::{CircuitError, Result};

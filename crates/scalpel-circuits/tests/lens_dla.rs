@@ -7,7 +7,7 @@ use scalpel_circuits::lens::logit_lens;
 use scalpel_circuits::CircuitError;
 use scalpel_models::config::{Act, Config, Mlp, Norm, Pos};
 use scalpel_models::transformer::Model;
-use scalpel_toys::transformer::{Init, SeededInit};
+use scalpel_models::transformer::WeightSource;
 
 fn models() -> Vec<(&'static str, Model)> {
     let dev = Device::Cpu;
@@ -37,19 +37,38 @@ fn models() -> Vec<(&'static str, Model)> {
     .map(|(i, (n, c))| {
         // Every weight random, biases and norm weights included, so every part and the
         // normaliser's weight and bias all matter.
-        let mut init = SeededInit::new(i as u64 + 1, |name, shape| {
-            if name.ends_with(".b") {
-                Init::Normal(0.2)
-            } else if shape.len() == 1 {
-                Init::Normal(0.8)
-            } else {
-                Init::Normal(0.6 / (shape[1] as f64).sqrt())
-            }
-        });
+        let mut init = Gaussian(i as u64 + 1);
         let m = Model::load(c, &mut init, &dev).unwrap();
         (n, m)
     })
     .collect()
+}
+
+/// Normal draws for every tensor: biases N(0, 0.2²), norm weights N(0, 0.8²), matrices
+/// N(0, 0.36/fan_in).
+struct Gaussian(u64);
+
+impl WeightSource for Gaussian {
+    fn get(&mut self, name: &str, shape: &[usize], dev: &Device) -> scalpel_models::Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        self.0 += 1;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.0);
+        let std = if name.ends_with(".b") {
+            0.2
+        } else if shape.len() == 1 {
+            0.8
+        } else {
+            0.6 / (shape[1] as f64).sqrt()
+        };
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
+                (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, shape, dev)?)
+    }
 }
 
 fn prompt() -> Tensor {
@@ -138,4 +157,41 @@ fn bad_requests_are_errors() {
     ));
     let batch = Tensor::new(&[[1u32, 2], [3, 4]], &Device::Cpu).unwrap();
     assert!(logit_lens(&m, &batch, 3, &[]).is_err());
+}
+
+#[test]
+fn head_scores_of_hand_made_patterns() {
+    use scalpel_circuits::heads::{duplicate_token_scores, induction_scores, prev_token_scores};
+    let half = 4;
+    let p = 2 * half;
+    // Head 0 looks at the earlier copy of its own token (i − half), head 1 at i − 1, head 2 at
+    // the token after the earlier copy (i − half + 1); before the repeat every head looks at 0.
+    let mut data = vec![0f32; 3 * p * p];
+    for (h, key) in [
+        (
+            0usize,
+            Box::new(move |i: usize| i - half) as Box<dyn Fn(usize) -> usize>,
+        ),
+        (1, Box::new(|i: usize| i - 1)),
+        (2, Box::new(move |i: usize| i - half + 1)),
+    ] {
+        for i in 0..p {
+            let k = if i >= half {
+                key(i)
+            } else if h == 1 && i > 0 {
+                i - 1
+            } else {
+                0
+            };
+            data[(h * p + i) * p + k] = 1.0;
+        }
+    }
+    let pat = Tensor::from_vec(data, (1, 3, p, p), &Device::Cpu).unwrap();
+    assert_eq!(
+        duplicate_token_scores(&pat, half).unwrap(),
+        vec![1.0, 0.0, 0.0]
+    );
+    assert_eq!(induction_scores(&pat, half).unwrap(), vec![0.0, 0.0, 1.0]);
+    assert_eq!(prev_token_scores(&pat).unwrap()[1], 1.0);
+    assert!(duplicate_token_scores(&pat, 3).is_err());
 }

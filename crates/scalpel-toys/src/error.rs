@@ -20,8 +20,17 @@ pub enum ToyError {
     Model(#[from] scalpel_models::ModelError),
     #[error(transparent)]
     Hook(#[from] scalpel_core::HookError),
+    /// Boxed: the circuits error holds the model's and candle's errors.
+    #[error(transparent)]
+    Circuit(Box<scalpel_circuits::CircuitError>),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl From<scalpel_circuits::CircuitError> for ToyError {
+    fn from(e: scalpel_circuits::CircuitError) -> Self {
+        ToyError::Circuit(Box::new(e))
+    }
 }
 
 /// Result with [`ToyError`].

@@ -320,76 +320,7 @@ pub fn split_losses(logits: &Tensor, tokens: &Tensor, half: usize) -> Result<Los
     })
 }
 
-/// Attention patterns `[b, h, p, p]` as f32 data with their dims.
-fn pattern_data(pattern: &Tensor) -> Result<(Vec<f32>, usize, usize, usize)> {
-    let (b, h, p, pk) = pattern.dims4()?;
-    if p != pk {
-        return Err(ToyError::Config(format!(
-            "attention pattern must be square in positions, got [{b}, {h}, {p}, {pk}]"
-        )));
-    }
-    let data = pattern
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok((data, b, h, p))
-}
-
-/// Mean over the batch and `queries` of the attention from query `i` to key `key(i)`, per head.
-fn mean_attention(
-    pattern: &Tensor,
-    queries: std::ops::Range<usize>,
-    key: impl Fn(usize) -> usize,
-) -> Result<Vec<f64>> {
-    let (data, b, h, p) = pattern_data(pattern)?;
-    if queries.end > p || queries.is_empty() {
-        return Err(ToyError::Config(format!(
-            "query positions {queries:?} do not fit a pattern over {p} positions"
-        )));
-    }
-    let n = (b * queries.len()) as f64;
-    Ok((0..h)
-        .map(|hh| {
-            let mut s = 0.0;
-            for bb in 0..b {
-                let base = (bb * h + hh) * p * p;
-                for i in queries.clone() {
-                    s += data[base + i * p + key(i)] as f64;
-                }
-            }
-            s / n
-        })
-        .collect())
-}
-
-/// Previous-token score of each head of a pattern `[b, h, p, p]`: mean attention from position
-/// `i` to `i − 1` over `i ≥ 1`.
-pub fn prev_token_scores(pattern: &Tensor) -> Result<Vec<f64>> {
-    let p = pattern.dim(2)?;
-    mean_attention(pattern, 1..p, |i| i - 1)
-}
-
-/// Induction (prefix-matching) score of each head of a pattern `[b, h, 2·half, 2·half]`: mean,
-/// over second-half queries `i ∈ half..2·half`, of the attention to `i − (half − 1)`, the token
-/// after the previous occurrence of the current token (TransformerLens's convention).
-pub fn induction_scores(pattern: &Tensor, half: usize) -> Result<Vec<f64>> {
-    let p = pattern.dim(2)?;
-    if p != 2 * half || half < 2 {
-        return Err(ToyError::Config(format!(
-            "an induction pattern over {p} positions needs half = p/2 ≥ 2, got half = {half}"
-        )));
-    }
-    mean_attention(pattern, half..p, |i| i - (half - 1))
-}
-
-/// The scores of uniform causal attention (query `i` gives `1/(i+1)` to each key): the chance
-/// level of the previous-token and the induction score for sequences of `2·half`.
-pub fn chance_scores(half: usize) -> (f64, f64) {
-    let p = 2 * half;
-    let prev = (1..p).map(|i| 1.0 / (i + 1) as f64).sum::<f64>() / (p - 1) as f64;
-    let ind = (half..p).map(|i| 1.0 / (i + 1) as f64).sum::<f64>() / half as f64;
-    (prev, ind)
-}
+pub use scalpel_circuits::heads::{chance_scores, induction_scores, prev_token_scores};
 
 /// One evaluation point of a run, on the held-out batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -535,7 +466,7 @@ pub fn induction_scores_without(
     let pat = cache
         .get(HookPoint::Block(reader, BlockHook::Pattern))
         .ok_or_else(|| ToyError::Config(format!("no pattern cached for layer {reader}")))?;
-    induction_scores(pat, half)
+    Ok(induction_scores(pat, half)?)
 }
 
 /// One row of the ablation table.

@@ -9,6 +9,7 @@ mod dla;
 mod eval;
 mod generate;
 mod harvest;
+mod heads;
 mod hooks;
 mod inspect;
 mod lens;
@@ -75,6 +76,8 @@ enum Command {
     Lens(lens::Args),
     /// Direct logit attribution: the answer's logit (difference) split over heads and MLPs.
     Dla(dla::Args),
+    /// Previous-token, duplicate-token and induction scores of every head.
+    Heads(heads::Args),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
         Command::Diagnose(args) => diagnose::run(args, json),
         Command::Lens(args) => lens::run(args, json),
         Command::Dla(args) => dla::run(args, json),
+        Command::Heads(args) => heads::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

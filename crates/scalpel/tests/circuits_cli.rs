@@ -68,3 +68,26 @@ fn attribution_sums_to_the_logit_difference() {
     let err = text(&o.stderr);
     assert!(err.contains("2 tokens") && err.contains("ians"), "{err}");
 }
+
+#[test]
+fn smollm2_has_induction_and_previous_token_heads() {
+    let v = json(&["heads", "--half", "24", "--batch", "4", "--json"]);
+    let best = |key: &str| {
+        v[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .fold(0.0f64, f64::max)
+    };
+    let chance = v["chance"][1].as_f64().unwrap();
+    // A pretrained model of this size has sharp induction and previous-token heads (uniform
+    // attention would score a few percent).
+    assert!(
+        best("induction") > 0.5 && best("induction") > 10.0 * chance,
+        "{v}"
+    );
+    assert!(best("previous_token") > 0.5, "{v}");
+    assert!(best("duplicate_token") > 0.3, "{v}");
+    assert_eq!(v["induction"].as_array().unwrap().len(), 30);
+}
