@@ -675,7 +675,6 @@ impl Fused {
         // Attention, one sequence per task. Query rows of sequence s are the contiguous run of
         // `rows` with token index in [s·p, (s+1)·p).
         let q_pos = query_positions(&rows, batch, p);
-        let scale = 1.0 / (dh as f32).sqrt();
         let mut pattern = self.pool.zeros(batch * h * p * p);
         let mut z = self.pool.zeros(r * hd);
         {
@@ -685,19 +684,7 @@ impl Fused {
                 .zip(z_chunks.into_par_iter())
                 .enumerate()
                 .for_each(|(s, (pat, zs))| {
-                    let (q0, positions) = &q_pos[s];
-                    let nq = positions.len();
-                    let seq = Seq {
-                        q: &q[q0 * hd..(q0 + nq) * hd],
-                        k: &k[s * p * hd..(s + 1) * p * hd],
-                        v: &v[s * p * hd..(s + 1) * p * hd],
-                        positions,
-                        h,
-                        dh,
-                        p,
-                        scale,
-                    };
-                    seq.forward(pat, zs);
+                    Seq::of((&q, &k, &v), &q_pos, s, (h, dh, p)).forward(pat, zs);
                 });
         }
         let mut attn_out = Vec::new();
@@ -825,7 +812,6 @@ impl Fused {
 
         // Attention core, one sequence per task.
         let q_pos = query_positions(&cache.rows, batch, p);
-        let scale = 1.0 / (dh as f32).sqrt();
         let mut dq = self.pool.zeros(r * hd);
         let mut dk = self.pool.zeros(n * hd);
         let mut dv = self.pool.zeros(n * hd);
@@ -839,18 +825,8 @@ impl Fused {
                 .zip(dv.par_chunks_mut(p * hd))
                 .enumerate()
                 .for_each(|(s, ((dqs, dks), dvs))| {
-                    let (q0, positions) = &q_pos[s];
-                    let nq = positions.len();
-                    let seq = Seq {
-                        q: &q[q0 * hd..(q0 + nq) * hd],
-                        k: &k[s * p * hd..(s + 1) * p * hd],
-                        v: &v[s * p * hd..(s + 1) * p * hd],
-                        positions,
-                        h,
-                        dh,
-                        p,
-                        scale,
-                    };
+                    let seq = Seq::of((q, k, v), &q_pos, s, (h, dh, p));
+                    let (q0, nq) = (q_pos[s].0, q_pos[s].1.len());
                     let pat = &pat[s * h * p * p..(s + 1) * h * p * p];
                     seq.backward(pat, &dz[q0 * hd..(q0 + nq) * hd], dqs, dks, dvs);
                 });
@@ -939,7 +915,29 @@ struct Seq<'a> {
     scale: f32,
 }
 
-impl Seq<'_> {
+impl<'a> Seq<'a> {
+    /// Sequence `s` of a batch: its query rows (located by `q_pos`, see [`query_positions`]),
+    /// keys and values, out of `[rows, h·dh]` buffers; `shape` is (heads, d_head, positions).
+    fn of(
+        (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
+        q_pos: &'a [(usize, Vec<usize>)],
+        s: usize,
+        (h, dh, p): (usize, usize, usize),
+    ) -> Self {
+        let hd = h * dh;
+        let (q0, positions) = &q_pos[s];
+        let nq = positions.len();
+        Seq {
+            q: &q[q0 * hd..(q0 + nq) * hd],
+            k: &k[s * p * hd..(s + 1) * p * hd],
+            v: &v[s * p * hd..(s + 1) * p * hd],
+            positions,
+            h,
+            dh,
+            p,
+            scale: 1.0 / (dh as f32).sqrt(),
+        }
+    }
     /// Fills `pat [h, p, p]` (the rows of the query positions) and `z [nq, h·dh]`.
     fn forward(&self, pat: &mut [f32], z: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
