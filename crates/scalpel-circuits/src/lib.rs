@@ -10,9 +10,14 @@
 //!
 //! Everything goes through hook points and the model's public weights.
 
+pub mod ablate;
 pub mod dla;
 pub mod error;
 pub mod heads;
 pub mod lens;
+pub mod metric;
+pub mod pairs;
+pub mod patching;
+pub mod steer;
 
 pub use error::{CircuitError, Result};

@@ -175,6 +175,56 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The first `n` positions of this cache, each row repeated `repeat` times along the batch
+    /// (row-major: the whole batch, then the whole batch again…). Used to run many variants of
+    /// a prompt that share a prefix.
+    pub fn prefix(&self, n: usize, repeat: usize) -> Result<KvCache> {
+        if n > self.len() {
+            return Err(ModelError::Input(format!(
+                "a prefix of {n} positions from a cache of {}",
+                self.len()
+            )));
+        }
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            let t = t.narrow(2, 0, n)?;
+            Ok(if repeat == 1 {
+                t
+            } else {
+                Tensor::cat(&vec![&t; repeat], 0)?
+            })
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|kv| {
+                kv.as_ref()
+                    .map(|(k, v)| Ok::<_, ModelError>((rep(k)?, rep(v)?)))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut key_mask = Vec::with_capacity(self.key_mask.len() * repeat);
+        let mut next_pos = Vec::with_capacity(self.key_mask.len() * repeat);
+        for _ in 0..repeat {
+            for m in &self.key_mask {
+                key_mask.push(m[..n].to_vec());
+                next_pos.push(m[..n].iter().filter(|&&r| r).count() as u32);
+            }
+        }
+        Ok(KvCache {
+            layers,
+            key_mask,
+            next_pos,
+        })
+    }
+}
+
+/// Where a forward pass begins.
+enum Input<'a> {
+    /// Token ids `[b, p]`, from the embeddings.
+    Tokens(&'a Tensor),
+    /// The residual stream `[b, p, d_model]` entering block `layer`.
+    Residual { layer: usize, x: &'a Tensor },
 }
 
 /// Per-forward tensors shared by all blocks.
@@ -452,20 +502,26 @@ impl Model {
                 self.cfg.d_model
             )));
         }
-        let x = match &self.ln_final {
+        let x = self.final_norm(x)?;
+        Ok(x.reshape((b * p, d))?
+            .matmul(&self.w_u.t()?)?
+            .reshape((b, p, self.cfg.d_vocab))?)
+    }
+
+    /// The final normaliser applied to a residual stream `x [.., d_model]` (the identity for
+    /// models without one). Differentiable when `x` carries gradients.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.ln_final {
             Some(ln) => self.norm(
                 Some(ln),
                 x,
                 &mut Hooks::new(),
                 HookPoint::LnFinalScale,
                 HookPoint::LnFinalNormalized,
-                false,
-            )?,
-            None => x.clone(),
-        };
-        Ok(x.reshape((b * p, d))?
-            .matmul(&self.w_u.t()?)?
-            .reshape((b, p, self.cfg.d_vocab))?)
+                x.track_op(),
+            ),
+            None => Ok(x.clone()),
+        }
     }
 
     /// Logits `[b, p, d_vocab]` for token ids `[b, p]` (u32), with no hooks.
@@ -503,7 +559,25 @@ impl Model {
         hooks: &mut Hooks,
         opts: RunOptions,
     ) -> Result<Tensor> {
-        self.forward_impl(tokens, attention_mask, hooks, opts, None)
+        self.forward_impl(Input::Tokens(tokens), attention_mask, hooks, opts, None)
+    }
+
+    /// Runs blocks `layer..` on a residual stream `x [b, p, d_model]` entering block `layer`
+    /// (no padding), as if everything before had produced it: the rest of a forward pass,
+    /// for patching experiments that change nothing below a layer.
+    ///
+    /// With `prefix`, `x` continues the positions held in that cache (keys and values of
+    /// blocks `layer..`, e.g. from [`KvCache::prefix`]), which the new positions attend to; the
+    /// cache is extended. `opts.stop_at_layer`, when set, must be at least `layer`.
+    pub fn forward_from(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        prefix: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+        opts: RunOptions,
+    ) -> Result<Tensor> {
+        self.forward_impl(Input::Residual { layer, x }, None, hooks, opts, prefix)
     }
 
     /// One step of cached decoding: runs `tokens` (`[b, p_new]`) after everything already in
@@ -516,7 +590,7 @@ impl Model {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         self.forward_impl(
-            tokens,
+            Input::Tokens(tokens),
             attention_mask,
             hooks,
             RunOptions::default(),
@@ -526,34 +600,72 @@ impl Model {
 
     fn forward_impl(
         &self,
-        tokens: &Tensor,
+        input: Input,
         attention_mask: Option<&Tensor>,
         hooks: &mut Hooks,
         opts: RunOptions,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let c = &self.cfg;
-        let (b, p) = tokens.dims2().map_err(|_| {
-            ModelError::Input(format!(
-                "tokens must be [batch, pos], got {:?}",
-                tokens.dims()
-            ))
-        })?;
+        let (b, p, first_layer) = match input {
+            Input::Tokens(tokens) => {
+                let (b, p) = tokens.dims2().map_err(|_| {
+                    ModelError::Input(format!(
+                        "tokens must be [batch, pos], got {:?}",
+                        tokens.dims()
+                    ))
+                })?;
+                (b, p, 0)
+            }
+            Input::Residual { layer, x } => {
+                let (b, p, d) = x.dims3().map_err(|_| {
+                    ModelError::Input(format!(
+                        "a residual stream must be [batch, pos, d_model], got {:?}",
+                        x.dims()
+                    ))
+                })?;
+                if d != c.d_model {
+                    return Err(ModelError::Input(format!(
+                        "a residual of width {d} for a model of d_model {}",
+                        c.d_model
+                    )));
+                }
+                if layer > c.n_layers {
+                    return Err(ModelError::Input(format!(
+                        "cannot start at block {layer}: the model has {} blocks",
+                        c.n_layers
+                    )));
+                }
+                if opts.stop_at_layer.is_some_and(|s| s < layer) {
+                    return Err(ModelError::Input(format!(
+                        "stop_at_layer {:?} is before the starting block {layer}",
+                        opts.stop_at_layer
+                    )));
+                }
+                (b, p, layer)
+            }
+        };
         if b == 0 || p == 0 {
             return Err(ModelError::Input("empty input: no tokens to run".into()));
         }
-        let ids = tokens.to_dtype(DType::U32)?;
-        if let Some(&bad) = ids
-            .flatten_all()?
-            .to_vec1::<u32>()?
-            .iter()
-            .find(|&&t| t as usize >= c.d_vocab)
-        {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                c.d_vocab
-            )));
-        }
+        let ids = match input {
+            Input::Tokens(tokens) => {
+                let ids = tokens.to_dtype(DType::U32)?;
+                if let Some(&bad) = ids
+                    .flatten_all()?
+                    .to_vec1::<u32>()?
+                    .iter()
+                    .find(|&&t| t as usize >= c.d_vocab)
+                {
+                    return Err(ModelError::Input(format!(
+                        "token id {bad} is outside the vocabulary (size {})",
+                        c.d_vocab
+                    )));
+                }
+                Some(ids)
+            }
+            Input::Residual { .. } => None,
+        };
         let mask_rows: Vec<Vec<bool>> = match attention_mask {
             Some(m) => {
                 if m.dims() != [b, p] {
@@ -642,27 +754,34 @@ impl Model {
             caching: cache.is_some(),
         };
 
-        let embed = self
-            .w_e
-            .embedding(&ids.flatten_all()?)?
-            .reshape((b, p, c.d_model))?;
-        let mut x = hooks.apply(HookPoint::Embed, embed)?;
-        if let Some(w_pos) = &self.w_pos {
-            let pos_t = Tensor::from_vec(pos_ids.clone(), b * p, &self.device)?;
-            let pe = w_pos.embedding(&pos_t)?.reshape((b, p, c.d_model))?;
-            let pe = hooks.apply(HookPoint::PosEmbed, pe)?;
-            x = (x + pe)?;
-        }
+        let mut x = match (&ids, input) {
+            (Some(ids), _) => {
+                let embed = self
+                    .w_e
+                    .embedding(&ids.flatten_all()?)?
+                    .reshape((b, p, c.d_model))?;
+                let mut x = hooks.apply(HookPoint::Embed, embed)?;
+                if let Some(w_pos) = &self.w_pos {
+                    let pos_t = Tensor::from_vec(pos_ids.clone(), b * p, &self.device)?;
+                    let pe = w_pos.embedding(&pos_t)?.reshape((b, p, c.d_model))?;
+                    let pe = hooks.apply(HookPoint::PosEmbed, pe)?;
+                    x = (x + pe)?;
+                }
+                x
+            }
+            (None, Input::Residual { x, .. }) => x.clone(),
+            (None, Input::Tokens(_)) => unreachable!("token input always has ids"),
+        };
 
         let n_run = opts.stop_at_layer.unwrap_or(c.n_layers);
-        let mut new_layers = Vec::with_capacity(n_run);
-        for (l, block) in self.blocks.iter().enumerate().take(n_run) {
+        let mut new_layers = vec![None; n_run];
+        for (l, block) in self.blocks.iter().enumerate().take(n_run).skip(first_layer) {
             let past_kv = cache
                 .as_ref()
                 .and_then(|kv| kv.layers.get(l).cloned().flatten());
             let (y, kv) = self.block_forward(l, block, x, hooks, &ctx, past_kv)?;
             x = y;
-            new_layers.push(kv);
+            new_layers[l] = kv;
         }
         if let Some(kv) = cache {
             kv.layers = new_layers;

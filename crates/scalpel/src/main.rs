@@ -2,6 +2,7 @@
 //! and prints it either as a human table or, with `--json`, as one JSON object on stdout. Logs and
 //! progress go to stderr.
 
+mod ablate;
 mod bench;
 mod convert;
 mod diagnose;
@@ -15,9 +16,12 @@ mod inspect;
 mod lens;
 mod model;
 mod output;
+mod pairs;
+mod patch;
 mod progress;
 mod prompt;
 mod run;
+mod steer;
 mod store;
 mod toy;
 mod train;
@@ -78,6 +82,16 @@ enum Command {
     Dla(dla::Args),
     /// Previous-token, duplicate-token and induction scores of every head.
     Heads(heads::Args),
+    /// Datasets of clean/corrupt prompt pairs: generate (IOI, factual recall) or check a JSONL.
+    Pairs(pairs::Args),
+    /// Activation patching (exact or attribution) over prompt pairs: residual, attention and MLP
+    /// outputs by layer and position, heads, queries, keys, values and patterns.
+    Patch(patch::Args),
+    /// Ablate heads, neurons, MLPs or SAE latents (zero, mean or resample) and measure the effect.
+    Ablate(ablate::Args),
+    /// Steer generation with a vector added to the residual stream (ActAdd, mean difference, SAE
+    /// feature clamping), with a coefficient sweep that shows side effects.
+    Steer(steer::Args),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +114,10 @@ fn main() -> ExitCode {
         Command::Lens(args) => lens::run(args, json),
         Command::Dla(args) => dla::run(args, json),
         Command::Heads(args) => heads::run(args, json),
+        Command::Pairs(args) => pairs::run(args, json),
+        Command::Patch(args) => patch::run(args, json),
+        Command::Ablate(args) => ablate::run(args, json),
+        Command::Steer(args) => steer::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

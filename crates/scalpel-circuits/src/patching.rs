@@ -1,0 +1,948 @@
+//! Activation patching and attribution patching over clean/corrupt prompt pairs.
+//!
+//! One run of the model (the *base*) has a slice of one activation replaced by its value in the
+//! other run (the *source*), and the metric is read at the last position. Denoising runs the
+//! corrupt prompts and patches in clean activations (which components suffice to restore the
+//! behaviour); noising runs the clean prompts and patches in corrupt activations (which
+//! components are necessary). Either way the score is normalised as
+//! `(patched − corrupt) / (clean − corrupt)`: 1 means the patched run behaves like the clean run,
+//! 0 like the corrupt run.
+//!
+//! Exact patching skips what a patch cannot change. A patch at block `L` leaves everything below
+//! it as in the base run, so the patched run starts at block `L` from the base run's cached
+//! residual. A patch at position `P` leaves positions before `P` unchanged, so only positions
+//! `P..` are run, attending to the base run's cached keys and values of the earlier positions.
+//! Positions before the first token where the clean and corrupt prompts differ hold identical
+//! activations in both runs, so patches there are known to change nothing and are not run.
+//! The variants of one sweep that share a start (every head of a layer) run as one batch.
+//!
+//! Attribution patching (Nanda 2023; Syed et al. 2023) estimates every cell at once to first
+//! order: `(source − base) · ∂metric/∂activation`, from one forward and one backward pass of the
+//! base run, summed over the cell's slice.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use scalpel_core::{ActivationCache, BlockHook, HookPoint, Hooks};
+use scalpel_models::transformer::{KvCache, Model, RunOptions};
+
+use crate::metric::Metric;
+use crate::pairs::TokenPair;
+use crate::{CircuitError, Result};
+
+/// Which run is patched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Run the corrupt prompts, patch in clean activations.
+    Denoise,
+    /// Run the clean prompts, patch in corrupt activations.
+    Noise,
+}
+
+impl Direction {
+    /// `denoise` or `noise`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Denoise => "denoise",
+            Direction::Noise => "noise",
+        }
+    }
+}
+
+/// What is patched, and over which grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sweep {
+    /// `hook_resid_pre`, by layer × position.
+    ResidPre,
+    /// `hook_attn_out`, by layer × position.
+    AttnOut,
+    /// `hook_mlp_out`, by layer × position.
+    MlpOut,
+    /// One head's `hook_z` at every position, by layer × head.
+    ZHead,
+    /// One head's `hook_z` at one position, by layer × head × position.
+    ZHeadPos,
+    /// One head's queries (`hook_q`), by layer × head.
+    QHead,
+    /// One key/value head's keys (`hook_k`), by layer × key/value head.
+    KHead,
+    /// One key/value head's values (`hook_v`), by layer × key/value head.
+    VHead,
+    /// One head's attention pattern (`hook_pattern`), by layer × head.
+    PatternHead,
+}
+
+impl Sweep {
+    /// Every sweep.
+    pub const ALL: [Sweep; 9] = [
+        Sweep::ResidPre,
+        Sweep::AttnOut,
+        Sweep::MlpOut,
+        Sweep::ZHead,
+        Sweep::ZHeadPos,
+        Sweep::QHead,
+        Sweep::KHead,
+        Sweep::VHead,
+        Sweep::PatternHead,
+    ];
+
+    /// The sweep's name (`resid_pre`, `z_head_pos`…), as parsed by [`Sweep::parse`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Sweep::ResidPre => "resid_pre",
+            Sweep::AttnOut => "attn_out",
+            Sweep::MlpOut => "mlp_out",
+            Sweep::ZHead => "z_head",
+            Sweep::ZHeadPos => "z_head_pos",
+            Sweep::QHead => "q_head",
+            Sweep::KHead => "k_head",
+            Sweep::VHead => "v_head",
+            Sweep::PatternHead => "pattern_head",
+        }
+    }
+
+    /// Parses a sweep name; a few short forms (`resid`, `z`, `z_pos`, `q`, `k`, `v`, `pattern`)
+    /// are accepted too.
+    pub fn parse(s: &str) -> Result<Sweep> {
+        let s = s.trim();
+        Ok(match s {
+            "resid_pre" | "resid" => Sweep::ResidPre,
+            "attn_out" => Sweep::AttnOut,
+            "mlp_out" => Sweep::MlpOut,
+            "z_head" | "z" | "heads" => Sweep::ZHead,
+            "z_head_pos" | "z_pos" | "heads_pos" => Sweep::ZHeadPos,
+            "q_head" | "q" => Sweep::QHead,
+            "k_head" | "k" => Sweep::KHead,
+            "v_head" | "v" => Sweep::VHead,
+            "pattern_head" | "pattern" => Sweep::PatternHead,
+            _ => {
+                let names: Vec<&str> = Sweep::ALL.iter().map(|s| s.name()).collect();
+                return Err(CircuitError::Input(format!(
+                    "unknown sweep {s:?}; sweeps: {}",
+                    names.join(", ")
+                )));
+            }
+        })
+    }
+
+    /// The block hook patched.
+    pub fn hook(self) -> BlockHook {
+        match self {
+            Sweep::ResidPre => BlockHook::ResidPre,
+            Sweep::AttnOut => BlockHook::AttnOut,
+            Sweep::MlpOut => BlockHook::MlpOut,
+            Sweep::ZHead | Sweep::ZHeadPos => BlockHook::Z,
+            Sweep::QHead => BlockHook::Q,
+            Sweep::KHead => BlockHook::K,
+            Sweep::VHead => BlockHook::V,
+            Sweep::PatternHead => BlockHook::Pattern,
+        }
+    }
+
+    /// True for sweeps with a position axis.
+    pub fn by_position(self) -> bool {
+        matches!(
+            self,
+            Sweep::ResidPre | Sweep::AttnOut | Sweep::MlpOut | Sweep::ZHeadPos
+        )
+    }
+
+    /// Names of the grid's axes.
+    pub fn axes(self) -> Vec<&'static str> {
+        match self {
+            Sweep::ResidPre | Sweep::AttnOut | Sweep::MlpOut => vec!["layer", "position"],
+            Sweep::ZHead | Sweep::QHead | Sweep::PatternHead => vec!["layer", "head"],
+            Sweep::KHead | Sweep::VHead => vec!["layer", "kv_head"],
+            Sweep::ZHeadPos => vec!["layer", "head", "position"],
+        }
+    }
+
+    /// The number of heads along the head axis (0 for sweeps without one).
+    fn n_heads(self, model: &Model) -> usize {
+        let c = model.config();
+        match self {
+            Sweep::ZHead | Sweep::ZHeadPos | Sweep::QHead | Sweep::PatternHead => c.n_heads,
+            Sweep::KHead | Sweep::VHead => c.n_kv_heads,
+            Sweep::ResidPre | Sweep::AttnOut | Sweep::MlpOut => 0,
+        }
+    }
+
+    /// The grid's shape for prompts of `seq` tokens.
+    pub fn shape(self, model: &Model, seq: usize) -> Vec<usize> {
+        let l = model.config().n_layers;
+        match self {
+            Sweep::ResidPre | Sweep::AttnOut | Sweep::MlpOut => vec![l, seq],
+            Sweep::ZHeadPos => vec![l, self.n_heads(model), seq],
+            _ => vec![l, self.n_heads(model)],
+        }
+    }
+
+    /// Checks the model has what the sweep patches.
+    fn check(self, model: &Model) -> Result<()> {
+        let hp = HookPoint::Block(0, self.hook());
+        if !model.hook_points().contains(&hp) {
+            return Err(CircuitError::Input(format!(
+                "the {} sweep patches {hp}, which this model does not have",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The result of one sweep. Cells are row-major over `shape` (`axes` names the axes).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PatchGrid {
+    pub sweep: Sweep,
+    pub direction: Direction,
+    /// `exact` or `attribution`.
+    pub method: &'static str,
+    pub metric: String,
+    pub axes: Vec<&'static str>,
+    pub shape: Vec<usize>,
+    /// The metric of the patched run in each cell (for attribution: the base metric plus the
+    /// first-order estimate of the change).
+    pub values: Vec<f64>,
+    /// `(value − corrupt) / (clean − corrupt)`.
+    pub scores: Vec<f64>,
+    /// The metric, averaged over pairs, of the unpatched clean and corrupt runs.
+    pub clean: f64,
+    pub corrupt: f64,
+    /// Patched forward passes actually run (exact patching; 1 per pair group for attribution).
+    pub runs: usize,
+}
+
+impl PatchGrid {
+    /// The value of the cell at `index` (one coordinate per axis).
+    pub fn score_at(&self, index: &[usize]) -> Option<f64> {
+        if index.len() != self.shape.len() || index.iter().zip(&self.shape).any(|(i, n)| i >= n) {
+            return None;
+        }
+        let flat = index
+            .iter()
+            .zip(&self.shape)
+            .fold(0, |acc, (i, n)| acc * n + i);
+        self.scores.get(flat).copied()
+    }
+}
+
+/// Pearson correlation of two equally long series (`None` when either is constant).
+pub fn correlation(a: &[f64], b: &[f64]) -> Option<f64> {
+    if a.len() != b.len() || a.len() < 2 {
+        return None;
+    }
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        sab += (x - ma) * (y - mb);
+        saa += (x - ma) * (x - ma);
+        sbb += (y - mb) * (y - mb);
+    }
+    (saa > 0.0 && sbb > 0.0).then(|| sab / (saa * sbb).sqrt())
+}
+
+/// One run (clean or corrupt) of a group of pairs: its metric and what patching reads from it.
+struct Run {
+    /// `[n, seq]` token ids.
+    tokens: Tensor,
+    /// Every block's activations at the hooks the sweeps patch (and `hook_resid_pre`).
+    cache: ActivationCache,
+    /// Keys and values of every block.
+    kv: KvCache,
+    /// Metric of each pair.
+    metric: Vec<f64>,
+}
+
+/// Pairs of one token length.
+struct Group {
+    seq: usize,
+    /// Index of each pair in the caller's list.
+    members: Vec<usize>,
+    answer: Vec<u32>,
+    wrong: Vec<u32>,
+    /// The first position where some pair's clean and corrupt tokens differ.
+    first_diff: usize,
+    clean: Run,
+    corrupt: Run,
+}
+
+/// A set of prompt pairs ready for patching: both runs done and cached.
+pub struct Patcher<'m> {
+    model: &'m Model,
+    metric: Metric,
+    groups: Vec<Group>,
+    n_pairs: usize,
+    clean: f64,
+    corrupt: f64,
+}
+
+/// The hooks a patching experiment reads, in every block.
+const CACHED: [BlockHook; 8] = [
+    BlockHook::ResidPre,
+    BlockHook::AttnOut,
+    BlockHook::MlpOut,
+    BlockHook::Z,
+    BlockHook::Q,
+    BlockHook::K,
+    BlockHook::V,
+    BlockHook::Pattern,
+];
+
+impl<'m> Patcher<'m> {
+    /// Runs the clean and corrupt prompts of `pairs` (grouped by token length) and caches what
+    /// patching needs.
+    pub fn new(model: &'m Model, pairs: &[TokenPair], metric: &Metric) -> Result<Self> {
+        if pairs.is_empty() {
+            return Err(CircuitError::Input("no prompt pairs to patch".into()));
+        }
+        let v = model.config().d_vocab;
+        for (i, p) in pairs.iter().enumerate() {
+            if p.clean.len() != p.corrupt.len() {
+                return Err(CircuitError::Input(format!(
+                    "pair {}: clean has {} tokens and corrupt {}; patching needs equal lengths",
+                    i + 1,
+                    p.clean.len(),
+                    p.corrupt.len()
+                )));
+            }
+            if p.clean.is_empty() {
+                return Err(CircuitError::Input(format!("pair {}: empty prompt", i + 1)));
+            }
+            if p.clean.len() > model.config().n_ctx {
+                return Err(CircuitError::Input(format!(
+                    "pair {}: {} tokens, longer than the model's context of {}",
+                    i + 1,
+                    p.clean.len(),
+                    model.config().n_ctx
+                )));
+            }
+            for (what, &t) in [("answer", &p.answer), ("wrong answer", &p.wrong)] {
+                if t as usize >= v {
+                    return Err(CircuitError::Input(format!(
+                        "pair {}: {what} token id {t} is outside the vocabulary of {v}",
+                        i + 1
+                    )));
+                }
+            }
+        }
+        if let Some(bad) = metric.fixed_tokens().into_iter().find(|&t| t as usize >= v) {
+            return Err(CircuitError::Input(format!(
+                "the metric reads token id {bad}, outside the vocabulary of {v}"
+            )));
+        }
+        let mut by_len: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, p) in pairs.iter().enumerate() {
+            match by_len.iter_mut().find(|(n, _)| *n == p.clean.len()) {
+                Some((_, m)) => m.push(i),
+                None => by_len.push((p.clean.len(), vec![i])),
+            }
+        }
+        let dev = model.device();
+        let mut groups = Vec::with_capacity(by_len.len());
+        for (seq, members) in by_len {
+            let rows = |f: &dyn Fn(&TokenPair) -> &Vec<u32>| -> Result<Tensor> {
+                let flat: Vec<u32> = members.iter().flat_map(|&i| f(&pairs[i]).clone()).collect();
+                Ok(Tensor::from_vec(flat, (members.len(), seq), dev)?)
+            };
+            let answer: Vec<u32> = members.iter().map(|&i| pairs[i].answer).collect();
+            let wrong: Vec<u32> = members.iter().map(|&i| pairs[i].wrong).collect();
+            let first_diff = members
+                .iter()
+                .map(|&i| {
+                    let p = &pairs[i];
+                    p.clean
+                        .iter()
+                        .zip(&p.corrupt)
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(seq)
+                })
+                .min()
+                .unwrap_or(0);
+            let clean = run(model, rows(&|p| &p.clean)?, metric, &answer, &wrong)?;
+            let corrupt = run(model, rows(&|p| &p.corrupt)?, metric, &answer, &wrong)?;
+            groups.push(Group {
+                seq,
+                members,
+                answer,
+                wrong,
+                first_diff,
+                clean,
+                corrupt,
+            });
+        }
+        let n_pairs = pairs.len();
+        let mean = |f: &dyn Fn(&Group) -> &Run| {
+            groups
+                .iter()
+                .flat_map(|g| f(g).metric.iter())
+                .sum::<f64>()
+                / n_pairs as f64
+        };
+        let clean = mean(&|g| &g.clean);
+        let corrupt = mean(&|g| &g.corrupt);
+        Ok(Patcher {
+            model,
+            metric: metric.clone(),
+            groups,
+            n_pairs,
+            clean,
+            corrupt,
+        })
+    }
+
+    /// The metric averaged over the clean runs.
+    pub fn clean_metric(&self) -> f64 {
+        self.clean
+    }
+
+    /// The metric averaged over the corrupt runs.
+    pub fn corrupt_metric(&self) -> f64 {
+        self.corrupt
+    }
+
+    /// The metric of each clean and corrupt run, in the caller's pair order.
+    pub fn per_pair(&self) -> Vec<(f64, f64)> {
+        let mut out = vec![(0.0, 0.0); self.n_pairs];
+        for g in &self.groups {
+            for (j, &i) in g.members.iter().enumerate() {
+                out[i] = (g.clean.metric[j], g.corrupt.metric[j]);
+            }
+        }
+        out
+    }
+
+    /// The one token length of all pairs, needed by sweeps with a position axis.
+    fn seq_for(&self, sweep: Sweep) -> Result<usize> {
+        if !sweep.by_position() || self.groups.len() == 1 {
+            return Ok(self.groups[0].seq);
+        }
+        let lens: Vec<String> = self
+            .groups
+            .iter()
+            .map(|g| format!("{} tokens (pair {} and {} more)", g.seq, g.members[0] + 1, g.members.len() - 1))
+            .collect();
+        Err(CircuitError::Input(format!(
+            "the {} sweep has a position axis, so every pair must have the same length; these \
+             pairs have {}",
+            sweep.name(),
+            lens.join(", ")
+        )))
+    }
+
+    fn normalise(&self, values: &[f64]) -> Vec<f64> {
+        let d = self.clean - self.corrupt;
+        values
+            .iter()
+            .map(|v| if d == 0.0 { 0.0 } else { (v - self.corrupt) / d })
+            .collect()
+    }
+
+    /// Number of patched forward passes [`Patcher::exact`] runs for `sweep`.
+    pub fn planned_runs(&self, sweep: Sweep) -> usize {
+        self.groups
+            .iter()
+            .map(|g| jobs(self.model, sweep, g).len())
+            .sum()
+    }
+
+    /// Exact activation patching: every cell of `sweep`. `progress(done, total)` is called after
+    /// each batched run.
+    pub fn exact(
+        &self,
+        sweep: Sweep,
+        direction: Direction,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<PatchGrid> {
+        sweep.check(self.model)?;
+        let seq = self.seq_for(sweep)?;
+        let shape = sweep.shape(self.model, seq);
+        let cells: usize = shape.iter().product();
+        let mut values = vec![0.0; cells];
+        let total = self.planned_runs(sweep);
+        let mut done = 0;
+        for g in &self.groups {
+            let (base, source) = match direction {
+                Direction::Denoise => (&g.corrupt, &g.clean),
+                Direction::Noise => (&g.clean, &g.corrupt),
+            };
+            let base_sum: f64 = base.metric.iter().sum();
+            // Cells no job covers are known to equal the base run.
+            let mut filled = vec![base_sum; cells];
+            for job in jobs(self.model, sweep, g) {
+                let sums = self.run_job(sweep, g, base, source, &job)?;
+                for (cell, s) in job.cells.iter().zip(sums) {
+                    filled[*cell] = s;
+                }
+                done += 1;
+                progress(done, total);
+            }
+            for (v, f) in values.iter_mut().zip(filled) {
+                *v += f;
+            }
+        }
+        for v in &mut values {
+            *v /= self.n_pairs as f64;
+        }
+        Ok(PatchGrid {
+            sweep,
+            direction,
+            method: "exact",
+            metric: self.metric.name.clone(),
+            axes: sweep.axes(),
+            shape,
+            scores: self.normalise(&values),
+            values,
+            clean: self.clean,
+            corrupt: self.corrupt,
+            runs: total,
+        })
+    }
+
+    /// One batched patched run: every variant of `job` on every pair of the group; returns the
+    /// metric summed over pairs, per variant.
+    fn run_job(
+        &self,
+        sweep: Sweep,
+        g: &Group,
+        base: &Run,
+        source: &Run,
+        job: &Job,
+    ) -> Result<Vec<f64>> {
+        let model = self.model;
+        let (n, seq) = (g.members.len(), g.seq);
+        let nv = job.variants.len();
+        let (layer, p0) = (job.layer, job.start);
+        let rows = seq - p0;
+        let hp = HookPoint::Block(layer, sweep.hook());
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            Ok(if nv == 1 {
+                t.clone()
+            } else {
+                Tensor::cat(&vec![t; nv], 0)?
+            })
+        };
+        // The residual entering block `layer`, positions p0.., for every variant.
+        let mut x = cached(base, HookPoint::resid_pre(layer))?.narrow(1, p0, rows)?;
+        let mut hooks = Hooks::new();
+        if sweep == Sweep::ResidPre {
+            // The patch is the input itself: row 0 (position p0) comes from the source.
+            let src = cached(source, hp)?.narrow(1, p0, 1)?;
+            let rest = x.narrow(1, 1, rows - 1)?;
+            x = Tensor::cat(&[&src, &rest], 1)?;
+        } else {
+            let src = cached(source, hp)?;
+            // Source rows this forward computes: positions p0.. (patterns: query rows p0..).
+            let src = match sweep {
+                Sweep::PatternHead => src.narrow(2, p0, rows)?,
+                _ => src.narrow(1, p0, rows)?,
+            };
+            let src = repeat(&src.contiguous()?)?;
+            let mask = patch_mask(sweep, &job.variants, n, rows, src.dims(), model.device())?;
+            hooks = hooks.with_hook(hp, move |a, _| {
+                // a + mask ⊙ (src − a): the source where the mask is 1, the run's own elsewhere.
+                let delta = (&src - a)?.broadcast_mul(&mask)?;
+                Ok(Some((a + delta)?))
+            });
+        }
+        let x = repeat(&x.contiguous()?)?;
+        let opts = RunOptions {
+            stop_at_layer: Some(model.config().n_layers),
+            differentiable: false,
+        };
+        let resid = if p0 == 0 {
+            model.forward_from(layer, &x, None, &mut hooks, opts)?
+        } else {
+            let mut kv = base.kv.prefix(p0, nv)?;
+            model.forward_from(layer, &x, Some(&mut kv), &mut hooks, opts)?
+        };
+        let last = resid.narrow(1, rows - 1, 1)?.squeeze(1)?; // [nv·n, d]
+        let answer: Vec<u32> = (0..nv).flat_map(|_| g.answer.iter().copied()).collect();
+        let wrong: Vec<u32> = (0..nv).flat_map(|_| g.wrong.iter().copied()).collect();
+        let m = last_metric(model, &self.metric, &last, &answer, &wrong)?;
+        Ok(m.chunks(n).map(|c| c.iter().sum()).collect())
+    }
+
+    /// The metric (averaged over pairs) after patching any set of slices at once, by plain full
+    /// forward passes: each patch replaces, at its hook point, the positions listed (all when
+    /// `None`) of the head given (the whole activation when `None`) by the source run's value.
+    /// No patches gives the base run's metric.
+    pub fn patched_metric(&self, direction: Direction, patches: &[Patch]) -> Result<f64> {
+        let valid = self.model.hook_points();
+        for p in patches {
+            if !valid.contains(&p.point) {
+                return Err(CircuitError::Input(format!(
+                    "this model has no hook point {}",
+                    p.point
+                )));
+            }
+        }
+        let mut total = 0.0;
+        for g in &self.groups {
+            let (base, source) = match direction {
+                Direction::Denoise => (&g.corrupt, &g.clean),
+                Direction::Noise => (&g.clean, &g.corrupt),
+            };
+            let (_, src) = self
+                .model
+                .run_with_cache(&source.tokens, |hp| patches.iter().any(|p| p.point == hp))?;
+            let mut hooks = Hooks::new();
+            for p in patches {
+                let s = src
+                    .get(p.point)
+                    .ok_or_else(|| {
+                        CircuitError::Input(format!("{} produced no activation", p.point))
+                    })?
+                    .clone();
+                let patch = p.clone();
+                hooks = hooks.with_hook(p.point, move |a, _| {
+                    let mask = patch.mask(a.dims(), a.device())?;
+                    Ok(Some((a + (&s - a)?.broadcast_mul(&mask)?)?))
+                });
+            }
+            let logits = self.model.run_with_hooks(&base.tokens, &mut hooks)?;
+            let last = logits.narrow(1, g.seq - 1, 1)?.squeeze(1)?;
+            total += self
+                .metric
+                .eval(&last, &g.answer, &g.wrong)?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
+        }
+        Ok(total / self.n_pairs as f64)
+    }
+
+    /// [`Patcher::patched_metric`] normalised: `(patched − corrupt) / (clean − corrupt)`.
+    pub fn patched_score(&self, direction: Direction, patches: &[Patch]) -> Result<f64> {
+        let v = self.patched_metric(direction, patches)?;
+        Ok(self.normalise(&[v])[0])
+    }
+
+    /// Attribution patching: the first-order estimate of every cell of every sweep in
+    /// `sweeps`, from one forward and one backward pass of each group's base run.
+    pub fn attribution(&self, sweeps: &[Sweep], direction: Direction) -> Result<Vec<PatchGrid>> {
+        for s in sweeps {
+            s.check(self.model)?;
+        }
+        let model = self.model;
+        let c = model.config();
+        let mut shapes = Vec::with_capacity(sweeps.len());
+        for &s in sweeps {
+            let seq = self.seq_for(s)?;
+            shapes.push((seq, s.shape(model, seq)));
+        }
+        let mut sums: Vec<Vec<f64>> = shapes
+            .iter()
+            .map(|(_, sh)| vec![0.0; sh.iter().product()])
+            .collect();
+        let mut base_total = 0.0;
+        for g in &self.groups {
+            let (base, source) = match direction {
+                Direction::Denoise => (&g.corrupt, &g.clean),
+                Direction::Noise => (&g.clean, &g.corrupt),
+            };
+            base_total += base.metric.iter().sum::<f64>();
+            let mut hooks = Hooks::new();
+            for l in 0..c.n_layers {
+                for s in sweeps {
+                    hooks = hooks.with_grad(HookPoint::Block(l, s.hook()));
+                }
+            }
+            let logits = model.run_with_hooks(&base.tokens, &mut hooks)?;
+            let last = logits.narrow(1, g.seq - 1, 1)?.squeeze(1)?;
+            // The mean over all pairs, so the estimates add up across groups.
+            let m = (self.metric.eval(&last, &g.answer, &g.wrong)?.sum_all()?
+                / self.n_pairs as f64)?;
+            let grads = hooks.gradients(&m.backward()?)?;
+            for (k, &s) in sweeps.iter().enumerate() {
+                for l in 0..c.n_layers {
+                    let hp = HookPoint::Block(l, s.hook());
+                    let grad = &grads[&hp];
+                    let prod = (cached(source, hp)? - cached(base, hp)?)?.mul(grad)?;
+                    let per = reduce(s, &prod)?; // [n_heads or seq] or [heads, seq]
+                    let block: usize = shapes[k].1[1..].iter().product();
+                    for (j, v) in per.into_iter().enumerate() {
+                        sums[k][l * block + j] += v;
+                    }
+                }
+            }
+        }
+        let base_mean = base_total / self.n_pairs as f64;
+        Ok(sweeps
+            .iter()
+            .zip(shapes)
+            .zip(sums)
+            .map(|((&sweep, (_, shape)), est)| {
+                let values: Vec<f64> = est.iter().map(|e| base_mean + e).collect();
+                PatchGrid {
+                    sweep,
+                    direction,
+                    method: "attribution",
+                    metric: self.metric.name.clone(),
+                    axes: sweep.axes(),
+                    shape,
+                    scores: self.normalise(&values),
+                    values,
+                    clean: self.clean,
+                    corrupt: self.corrupt,
+                    runs: self.groups.len(),
+                }
+            })
+            .collect())
+    }
+}
+
+/// One slice of one activation to patch (see [`Patcher::patched_metric`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Patch {
+    pub point: HookPoint,
+    /// Positions patched (query positions for patterns); all when `None`.
+    pub positions: Option<Vec<usize>>,
+    /// The head patched, for per-head activations (`hook_z`, `hook_q`, `hook_k`, `hook_v`,
+    /// `hook_pattern`, `hook_result`); the whole activation when `None`.
+    pub head: Option<usize>,
+}
+
+impl Patch {
+    /// The whole activation at `point`.
+    pub fn all(point: HookPoint) -> Patch {
+        Patch {
+            point,
+            positions: None,
+            head: None,
+        }
+    }
+
+    /// A 0/1 mask of the activation's shape.
+    fn mask(&self, dims: &[usize], dev: &Device) -> candle_core::Result<Tensor> {
+        let pattern = matches!(
+            self.point,
+            HookPoint::Block(_, BlockHook::Pattern | BlockHook::AttnScores)
+        );
+        let (pos_axis, head_axis) = if pattern { (2, 1) } else { (1, 2) };
+        let n: usize = dims.iter().product();
+        let mut m = vec![0f32; n];
+        let strides: Vec<usize> = (0..dims.len())
+            .map(|i| dims[i + 1..].iter().product())
+            .collect();
+        for (flat, v) in m.iter_mut().enumerate() {
+            let at = |axis: usize| (flat / strides[axis]) % dims[axis];
+            let pos_ok = self
+                .positions
+                .as_ref()
+                .is_none_or(|ps| dims.len() > pos_axis && ps.contains(&at(pos_axis)));
+            let head_ok = self
+                .head
+                .is_none_or(|h| dims.len() > head_axis + 1 && at(head_axis) == h);
+            if pos_ok && head_ok {
+                *v = 1.0;
+            }
+        }
+        Tensor::from_vec(m, dims, dev)
+    }
+}
+
+/// A cached activation of a run.
+fn cached(r: &Run, p: HookPoint) -> Result<&Tensor> {
+    r.cache
+        .get(p)
+        .ok_or_else(|| CircuitError::Input(format!("internal: {p} was not cached for patching")))
+}
+
+/// The product `(source − base) · grad` of one block, summed down to the sweep's cells of that
+/// layer, as f64 in row-major order.
+fn reduce(sweep: Sweep, prod: &Tensor) -> Result<Vec<f64>> {
+    let t = match sweep {
+        // [b, p, d] → [p]
+        Sweep::ResidPre | Sweep::AttnOut | Sweep::MlpOut => prod.sum(2)?.sum(0)?,
+        // [b, p, h, dh] → [h]
+        Sweep::ZHead | Sweep::QHead | Sweep::KHead | Sweep::VHead => prod.sum(3)?.sum(1)?.sum(0)?,
+        // [b, p, h, dh] → [h, p]
+        Sweep::ZHeadPos => prod.sum(3)?.sum(0)?.t()?,
+        // [b, h, q, k] → [h]
+        Sweep::PatternHead => prod.sum(3)?.sum(2)?.sum(0)?,
+    };
+    Ok(t.flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?)
+}
+
+/// The clean or corrupt run of a group: logits and metric, every block's activations at the
+/// hooks patching reads, and the keys and values.
+fn run(model: &Model, tokens: Tensor, metric: &Metric, answer: &[u32], wrong: &[u32]) -> Result<Run> {
+    let n_layers = model.config().n_layers;
+    let valid = model.hook_points();
+    let points: Vec<HookPoint> = (0..n_layers)
+        .flat_map(|l| CACHED.iter().map(move |&h| HookPoint::Block(l, h)))
+        .filter(|p| valid.contains(p))
+        .collect();
+    let mut hooks = Hooks::new().with_cache_points(points);
+    let mut kv = KvCache::default();
+    let logits = model.forward_cached(&tokens, None, &mut hooks, &mut kv)?;
+    let seq = tokens.dim(1)?;
+    let last = logits.narrow(1, seq - 1, 1)?.squeeze(1)?;
+    let m = metric
+        .eval(&last, answer, wrong)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    if let Some(i) = m.iter().position(|x| !x.is_finite()) {
+        return Err(CircuitError::Input(format!(
+            "the metric is not finite ({}) on a prompt of this set (answer id {})",
+            m[i], answer[i]
+        )));
+    }
+    Ok(Run {
+        tokens,
+        cache: hooks.take_cache(),
+        kv,
+        metric: m,
+    })
+}
+
+/// The metric of each row of a final residual `[n, d]` (before the final norm). Metrics over
+/// logits alone read only the unembedding rows of the tokens they name.
+fn last_metric(
+    model: &Model,
+    metric: &Metric,
+    last: &Tensor,
+    answer: &[u32],
+    wrong: &[u32],
+) -> Result<Vec<f64>> {
+    let normed = model.final_norm(last)?;
+    let m = if metric.needs_softmax() {
+        let logits = normed.matmul(&model.w_u_rows().t()?)?;
+        metric.eval(&logits, answer, wrong)?
+    } else {
+        // A small vocabulary of the tokens read, and the metric re-indexed into it.
+        let mut vocab: Vec<u32> = answer
+            .iter()
+            .chain(wrong)
+            .copied()
+            .chain(metric.fixed_tokens())
+            .collect();
+        vocab.sort_unstable();
+        vocab.dedup();
+        let index: HashMap<u32, u32> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (t, i as u32))
+            .collect();
+        let ids = Tensor::new(vocab.as_slice(), model.device())?;
+        let w = model.w_u_rows().index_select(&ids, 0)?;
+        let logits = normed.matmul(&w.t()?)?;
+        let remap = |v: &[u32]| v.iter().map(|t| index[t]).collect::<Vec<u32>>();
+        metric
+            .remapped(&index)
+            .eval(&logits, &remap(answer), &remap(wrong))?
+    };
+    Ok(m.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// One batched patched run: a start (block, position) and the variants run from it.
+#[derive(Debug)]
+struct Job {
+    layer: usize,
+    start: usize,
+    /// Per variant: the head patched (0 for sweeps without heads).
+    variants: Vec<usize>,
+    /// Per variant: the grid cell it fills (flat index).
+    cells: Vec<usize>,
+}
+
+/// The runs a sweep needs for a group: positions before the first difference are skipped.
+fn jobs(model: &Model, sweep: Sweep, g: &Group) -> Vec<Job> {
+    let n_layers = model.config().n_layers;
+    let seq = g.seq;
+    let nh = sweep.n_heads(model);
+    let mut out = Vec::new();
+    for l in 0..n_layers {
+        match sweep {
+            Sweep::ResidPre | Sweep::AttnOut | Sweep::MlpOut => {
+                for p in g.first_diff..seq {
+                    out.push(Job {
+                        layer: l,
+                        start: p,
+                        variants: vec![0],
+                        cells: vec![l * seq + p],
+                    });
+                }
+            }
+            Sweep::ZHeadPos => {
+                for p in g.first_diff..seq {
+                    out.push(Job {
+                        layer: l,
+                        start: p,
+                        variants: (0..nh).collect(),
+                        cells: (0..nh).map(|h| (l * nh + h) * seq + p).collect(),
+                    });
+                }
+            }
+            _ => {
+                if g.first_diff < seq {
+                    out.push(Job {
+                        layer: l,
+                        start: g.first_diff,
+                        variants: (0..nh).collect(),
+                        cells: (0..nh).map(|h| l * nh + h).collect(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A 0/1 mask broadcastable to the patched activation `dims` (batch = variants × pairs):
+/// variant `v` patches head `variants[v]` (and, for position sweeps, only the first row).
+fn patch_mask(
+    sweep: Sweep,
+    variants: &[usize],
+    n: usize,
+    rows: usize,
+    dims: &[usize],
+    dev: &Device,
+) -> Result<Tensor> {
+    let b = variants.len() * n;
+    Ok(match sweep {
+        Sweep::AttnOut | Sweep::MlpOut => {
+            // [b, rows, 1]: the first row only.
+            let mut m = vec![0f32; b * rows];
+            for r in 0..b {
+                m[r * rows] = 1.0;
+            }
+            Tensor::from_vec(m, (b, rows, 1), dev)?
+        }
+        Sweep::ZHeadPos => {
+            let h = dims[2];
+            let mut m = vec![0f32; b * rows * h];
+            for (v, &head) in variants.iter().enumerate() {
+                for i in 0..n {
+                    m[((v * n + i) * rows) * h + head] = 1.0;
+                }
+            }
+            Tensor::from_vec(m, (b, rows, h, 1), dev)?
+        }
+        Sweep::ZHead | Sweep::QHead | Sweep::KHead | Sweep::VHead => {
+            let h = dims[2];
+            let mut m = vec![0f32; b * h];
+            for (v, &head) in variants.iter().enumerate() {
+                for i in 0..n {
+                    m[(v * n + i) * h + head] = 1.0;
+                }
+            }
+            Tensor::from_vec(m, (b, 1, h, 1), dev)?
+        }
+        Sweep::PatternHead => {
+            let h = dims[1];
+            let mut m = vec![0f32; b * h];
+            for (v, &head) in variants.iter().enumerate() {
+                for i in 0..n {
+                    m[(v * n + i) * h + head] = 1.0;
+                }
+            }
+            Tensor::from_vec(m, (b, h, 1, 1), dev)?
+        }
+        Sweep::ResidPre => unreachable!("resid_pre patches the input, not a hook"),
+    })
+}
