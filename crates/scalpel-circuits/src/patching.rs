@@ -197,8 +197,8 @@ impl Sweep {
 pub struct PatchGrid {
     pub sweep: Sweep,
     pub direction: Direction,
-    /// `exact` or `attribution`.
-    pub method: &'static str,
+    /// `exact`, `attribution`, or `path to …` (path patching, naming the receivers).
+    pub method: String,
     pub metric: String,
     pub axes: Vec<&'static str>,
     pub shape: Vec<usize>,
@@ -393,6 +393,11 @@ impl<'m> Patcher<'m> {
         })
     }
 
+    /// Number of groups of pairs (one per token length).
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
     /// The metric averaged over the clean runs.
     pub fn clean_metric(&self) -> f64 {
         self.clean
@@ -489,7 +494,7 @@ impl<'m> Patcher<'m> {
         Ok(PatchGrid {
             sweep,
             direction,
-            method: "exact",
+            method: "exact".into(),
             metric: self.metric.name.clone(),
             axes: sweep.axes(),
             shape,
@@ -619,6 +624,187 @@ impl<'m> Patcher<'m> {
         Ok(self.normalise(&[v])[0])
     }
 
+    /// Path patching (Wang et al. 2022): the effect of each head, as a sender, on the metric
+    /// through the receivers only. For every head: (1) the base run with that head's `hook_z`
+    /// taken from the source run while every other head's output stays at its base value (and,
+    /// with `freeze_mlps`, every MLP's), recording what the receivers read; (2) the base run with
+    /// only the receivers' inputs replaced by those recordings. With the logits as receiver,
+    /// step (1) alone gives the metric. Heads at or after a receiver's layer cannot reach it and
+    /// keep the base value. Grid: layer × head.
+    pub fn path(
+        &self,
+        receivers: &[Receiver],
+        direction: Direction,
+        freeze_mlps: bool,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<PatchGrid> {
+        let model = self.model;
+        let c = model.config();
+        if receivers.is_empty() {
+            return Err(CircuitError::Input("path patching needs receivers".into()));
+        }
+        for r in receivers {
+            r.check(model)?;
+        }
+        if freeze_mlps {
+            Sweep::MlpOut.check(model)?;
+        }
+        let logits = receivers.iter().any(|r| matches!(r, Receiver::Logits));
+        if logits && receivers.len() > 1 {
+            return Err(CircuitError::Input(
+                "the logits are a receiver on their own: path patching to heads and to the \
+                 logits are separate experiments"
+                    .into(),
+            ));
+        }
+        // Senders must sit strictly below the lowest receiver.
+        let top = receivers
+            .iter()
+            .map(|r| match r {
+                Receiver::Logits => c.n_layers,
+                Receiver::Head { layer, .. } => *layer,
+            })
+            .min()
+            .unwrap_or(c.n_layers);
+        let nh = c.n_heads;
+        let mut values = vec![0.0; c.n_layers * nh];
+        let total = self.groups.len() * top;
+        let mut done = 0;
+        for g in &self.groups {
+            let (base, source) = match direction {
+                Direction::Denoise => (&g.corrupt, &g.clean),
+                Direction::Noise => (&g.clean, &g.corrupt),
+            };
+            let base_sum: f64 = base.metric.iter().sum();
+            let mut filled = vec![base_sum; c.n_layers * nh];
+            for l in 0..top {
+                let sums = self.path_layer(g, base, source, l, receivers, freeze_mlps)?;
+                for (h, s) in sums.into_iter().enumerate() {
+                    filled[l * nh + h] = s;
+                }
+                done += 1;
+                progress(done, total);
+            }
+            for (v, f) in values.iter_mut().zip(filled) {
+                *v += f;
+            }
+        }
+        for v in &mut values {
+            *v /= self.n_pairs as f64;
+        }
+        let names: Vec<String> = receivers.iter().map(|r| r.to_string()).collect();
+        Ok(PatchGrid {
+            sweep: Sweep::ZHead,
+            direction,
+            method: format!("path to {}", names.join(", ")),
+            metric: self.metric.name.clone(),
+            axes: Sweep::ZHead.axes(),
+            shape: vec![c.n_layers, nh],
+            scores: self.normalise(&values),
+            values,
+            clean: self.clean,
+            corrupt: self.corrupt,
+            runs: 2 * total,
+        })
+    }
+
+    /// Path patching of every head of layer `l` as senders (one batch): the metric summed over
+    /// the group's pairs, per head.
+    fn path_layer(
+        &self,
+        g: &Group,
+        base: &Run,
+        source: &Run,
+        l: usize,
+        receivers: &[Receiver],
+        freeze_mlps: bool,
+    ) -> Result<Vec<f64>> {
+        let model = self.model;
+        let c = model.config();
+        let (n, seq, nh) = (g.members.len(), g.seq, c.n_heads);
+        let p0 = g.first_diff.min(seq - 1);
+        let rows = seq - p0;
+        let variants: Vec<usize> = (0..nh).collect();
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            Ok(Tensor::cat(&vec![&t.narrow(1, p0, rows)?.contiguous()?; nh], 0)?)
+        };
+        let opts = RunOptions {
+            stop_at_layer: Some(c.n_layers),
+            differentiable: false,
+        };
+        let answer: Vec<u32> = (0..nh).flat_map(|_| g.answer.iter().copied()).collect();
+        let wrong: Vec<u32> = (0..nh).flat_map(|_| g.wrong.iter().copied()).collect();
+        let run_from = |layer: usize, hooks: &mut Hooks| -> Result<Tensor> {
+            let x = repeat(cached(base, HookPoint::resid_pre(layer))?)?;
+            Ok(if p0 == 0 {
+                model.forward_from(layer, &x, None, hooks, opts)?
+            } else {
+                let mut kv = base.kv.prefix(p0, nh)?;
+                model.forward_from(layer, &x, Some(&mut kv), hooks, opts)?
+            })
+        };
+        // Step 1: the senders from the source, every other head (and MLP) frozen at base.
+        let zp = HookPoint::Block(l, BlockHook::Z);
+        let src = repeat(cached(source, zp)?)?;
+        let mask = patch_mask(Sweep::ZHead, &variants, n, rows, src.dims(), model.device())?;
+        let mut hooks = Hooks::new().with_hook(zp, move |a, _| {
+            Ok(Some((a + (&src - a)?.broadcast_mul(&mask)?)?))
+        });
+        let mut frozen = Vec::new();
+        for later in l + 1..c.n_layers {
+            frozen.push(HookPoint::Block(later, BlockHook::Z));
+        }
+        if freeze_mlps {
+            for layer in l..c.n_layers {
+                frozen.push(HookPoint::Block(layer, BlockHook::MlpOut));
+            }
+        }
+        for hp in frozen {
+            let b = repeat(cached(base, hp)?)?;
+            hooks = hooks.with_hook(hp, move |_, _| Ok(Some(b.clone())));
+        }
+        let wanted: Vec<HookPoint> = receivers.iter().filter_map(|r| r.point()).collect();
+        let mut hooks = hooks.with_cache_points(wanted.clone());
+        let resid = run_from(l, &mut hooks)?;
+        let resid = if receivers.iter().any(|r| matches!(r, Receiver::Logits)) {
+            resid
+        } else {
+            // Step 2: only the receivers' inputs change.
+            let recorded = hooks.take_cache();
+            let mut hooks = Hooks::new();
+            for r in receivers {
+                let (Receiver::Head { head, .. }, Some(hp)) = (r, r.point()) else {
+                    continue;
+                };
+                let rec = recorded
+                    .get(hp)
+                    .ok_or_else(|| CircuitError::Input(format!("internal: {hp} was not recorded")))?
+                    .clone();
+                let dims = rec.dims().to_vec();
+                let heads = dims[2];
+                let mut m = vec![0f32; heads];
+                let h = if heads == c.n_heads { *head } else { head / c.n_rep() };
+                m[h] = 1.0;
+                let m = Tensor::from_vec(m, (1, 1, heads, 1), model.device())?;
+                hooks = hooks.with_hook(hp, move |a, _| {
+                    Ok(Some((a + (&rec - a)?.broadcast_mul(&m)?)?))
+                });
+            }
+            let first = receivers
+                .iter()
+                .filter_map(|r| match r {
+                    Receiver::Head { layer, .. } => Some(*layer),
+                    Receiver::Logits => None,
+                })
+                .min()
+                .unwrap_or(l + 1);
+            run_from(first, &mut hooks)?
+        };
+        let last = resid.narrow(1, rows - 1, 1)?.squeeze(1)?;
+        let m = last_metric(model, &self.metric, &last, &answer, &wrong)?;
+        Ok(m.chunks(n).map(|c| c.iter().sum()).collect())
+    }
+
     /// Attribution patching: the first-order estimate of every cell of every sweep in
     /// `sweeps`, from one forward and one backward pass of each group's base run.
     pub fn attribution(&self, sweeps: &[Sweep], direction: Direction) -> Result<Vec<PatchGrid>> {
@@ -678,7 +864,7 @@ impl<'m> Patcher<'m> {
                 PatchGrid {
                     sweep,
                     direction,
-                    method: "attribution",
+                    method: "attribution".into(),
                     metric: self.metric.name.clone(),
                     axes: sweep.axes(),
                     shape,
@@ -691,6 +877,102 @@ impl<'m> Patcher<'m> {
             })
             .collect())
     }
+}
+
+/// What path patching measures the senders' effect through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receiver {
+    /// The final residual stream (the direct path to the logits, plus MLPs unless frozen).
+    Logits,
+    /// One head's queries, keys or values (`Q`, `K` or `V`). Keys and values of a grouped-query
+    /// model belong to a key/value head; receiving at them receives for its whole group.
+    Head {
+        layer: usize,
+        head: usize,
+        input: BlockHook,
+    },
+}
+
+impl Receiver {
+    /// Parses `logits` or `L9H6.q` / `9.6.k` / `L9H6v`.
+    pub fn parse(s: &str) -> Result<Receiver> {
+        let t = s.trim();
+        if t == "logits" || t == "resid_final" {
+            return Ok(Receiver::Logits);
+        }
+        let bad = || {
+            CircuitError::Input(format!(
+                "receiver {s:?}: expected `logits` or a head input like `L9H6.q`, `L9H6.k`, `L9H6.v`"
+            ))
+        };
+        let lower = t.to_ascii_lowercase();
+        let (head_part, input) = match lower.rsplit_once('.') {
+            Some((h, i)) if matches!(i, "q" | "k" | "v") => (h.to_string(), i.to_string()),
+            _ => match lower.chars().last() {
+                Some(c @ ('q' | 'k' | 'v')) => (lower[..lower.len() - 1].to_string(), c.to_string()),
+                _ => return Err(bad()),
+            },
+        };
+        let (layer, head) = crate::patching::parse_head(&head_part).ok_or_else(bad)?;
+        let input = match input.as_str() {
+            "q" => BlockHook::Q,
+            "k" => BlockHook::K,
+            _ => BlockHook::V,
+        };
+        Ok(Receiver::Head { layer, head, input })
+    }
+
+    fn point(&self) -> Option<HookPoint> {
+        match self {
+            Receiver::Logits => None,
+            Receiver::Head { layer, input, .. } => Some(HookPoint::Block(*layer, *input)),
+        }
+    }
+
+    fn check(&self, model: &Model) -> Result<()> {
+        let c = model.config();
+        if let Receiver::Head { layer, head, .. } = self {
+            if *layer >= c.n_layers || *head >= c.n_heads {
+                return Err(CircuitError::Input(format!(
+                    "receiver {self}: the model has layers 0..{} and heads 0..{}",
+                    c.n_layers, c.n_heads
+                )));
+            }
+            if *layer == 0 {
+                return Err(CircuitError::Input(format!(
+                    "receiver {self}: no head sits below layer 0 to send to it"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Receiver::Logits => write!(f, "logits"),
+            Receiver::Head { layer, head, input } => {
+                let i = match input {
+                    BlockHook::Q => "q",
+                    BlockHook::K => "k",
+                    _ => "v",
+                };
+                write!(f, "L{layer}H{head}.{i}")
+            }
+        }
+    }
+}
+
+/// Parses a head written `L9H6`, `9.6` or `9:6` into (layer, head).
+pub fn parse_head(s: &str) -> Option<(usize, usize)> {
+    let t = s.trim().to_ascii_lowercase();
+    if let Some(rest) = t.strip_prefix('l') {
+        let (l, h) = rest.split_once('h')?;
+        return Some((l.parse().ok()?, h.parse().ok()?));
+    }
+    let (l, h) = t.split_once(['.', ':'])?;
+    Some((l.parse().ok()?, h.parse().ok()?))
 }
 
 /// One slice of one activation to patch (see [`Patcher::patched_metric`]).

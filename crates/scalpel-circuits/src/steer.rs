@@ -219,7 +219,7 @@ impl SteeringVector {
         }
         // The row each position of this step gets: None = not steered.
         let plan = move |ctx: &HookCtx, p: usize| -> Vec<Option<usize>> {
-            (ctx.pos_offset..ctx.pos_offset + p)
+            (ctx.pos_offset + 1..ctx.pos_offset + p + 1)
                 .map(|pos| {
                     positions
                         .slot(pos, prompt_len)

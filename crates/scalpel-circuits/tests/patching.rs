@@ -340,3 +340,126 @@ fn bad_requests_are_refused_clearly() {
         .to_string();
     assert!(e.contains("blocks.9.hook_resid_pre"), "{e}");
 }
+
+/// Path patching by hand with plain full forward passes: step 1 records the receiver's input
+/// with the sender from the source and every later head (and optionally MLP) frozen at base;
+/// step 2 patches only that input.
+fn path_by_hand(
+    m: &Model,
+    pairs: &[TokenPair],
+    sender: (usize, usize),
+    receiver: Option<(usize, usize, BlockHook)>,
+    freeze_mlps: bool,
+) -> f64 {
+    use scalpel_core::Hooks;
+    let dev = Device::Cpu;
+    let seq = pairs[0].clean.len();
+    let rows = |f: &dyn Fn(&TokenPair) -> &Vec<u32>| {
+        let flat: Vec<u32> = pairs.iter().flat_map(|p| f(p).clone()).collect();
+        Tensor::from_vec(flat, (pairs.len(), seq), &dev).unwrap()
+    };
+    // Noising: base = clean, source = corrupt.
+    let (base, source) = (rows(&|p| &p.clean), rows(&|p| &p.corrupt));
+    let c = m.config();
+    let all = |_: HookPoint| true;
+    let (_, src) = m.run_with_cache(&source, all).unwrap();
+    let (_, bas) = m.run_with_cache(&base, all).unwrap();
+    let (sl, sh) = sender;
+    let head_mask = |heads: usize, h: usize| {
+        let mut v = vec![0f32; heads];
+        v[h] = 1.0;
+        Tensor::from_vec(v, (1, 1, heads, 1), &dev).unwrap()
+    };
+    let zp = HookPoint::Block(sl, BlockHook::Z);
+    let s = src.get(zp).unwrap().clone();
+    let mask = head_mask(c.n_heads, sh);
+    let mut hooks = Hooks::new().with_hook(zp, move |a, _| {
+        Ok(Some((a + (&s - a)?.broadcast_mul(&mask)?)?))
+    });
+    for l in 0..c.n_layers {
+        let mut frozen = vec![];
+        if l > sl {
+            frozen.push(HookPoint::Block(l, BlockHook::Z));
+        }
+        if freeze_mlps && l >= sl {
+            frozen.push(HookPoint::Block(l, BlockHook::MlpOut));
+        }
+        for hp in frozen {
+            let b = bas.get(hp).unwrap().clone();
+            hooks = hooks.with_hook(hp, move |_, _| Ok(Some(b.clone())));
+        }
+    }
+    let logits = match receiver {
+        None => m.run_with_hooks(&base, &mut hooks).unwrap(),
+        Some((rl, rh, input)) => {
+            let rp = HookPoint::Block(rl, input);
+            let mut hooks = hooks.with_cache_points([rp]);
+            m.run_with_hooks(&base, &mut hooks).unwrap();
+            let rec = hooks.cache().get(rp).unwrap().clone();
+            let heads = rec.dim(2).unwrap();
+            let mask = head_mask(heads, rh * heads / c.n_heads);
+            let mut hooks = Hooks::new().with_hook(rp, move |a, _| {
+                Ok(Some((a + (&rec - a)?.broadcast_mul(&mask)?)?))
+            });
+            m.run_with_hooks(&base, &mut hooks).unwrap()
+        }
+    };
+    let last = logits.narrow(1, seq - 1, 1).unwrap().squeeze(1).unwrap();
+    let answer: Vec<u32> = pairs.iter().map(|p| p.answer).collect();
+    let wrong: Vec<u32> = pairs.iter().map(|p| p.wrong).collect();
+    Metric::logit_diff().mean(&last, &answer, &wrong).unwrap()
+}
+
+#[test]
+fn path_patching_equals_the_two_step_recipe() {
+    use scalpel_circuits::patching::Receiver;
+    for (name, m) in common::models() {
+        let c = m.config().clone();
+        let pairs = random_pairs(3, 6, 1, 31);
+        let p = Patcher::new(&m, &pairs, &Metric::logit_diff()).unwrap();
+        let freezes: &[bool] = if c.mlp.is_some() { &[false, true] } else { &[false] };
+        for &freeze in freezes {
+            let to_logits = p
+                .path(&[Receiver::Logits], Direction::Noise, freeze, |_, _| {})
+                .unwrap();
+            let receiver = Receiver::Head {
+                layer: 1,
+                head: 1,
+                input: BlockHook::K,
+            };
+            let to_head = p.path(&[receiver], Direction::Noise, freeze, |_, _| {});
+            if c.n_layers < 2 {
+                let e = to_head.as_ref().err().unwrap().to_string();
+                assert!(e.contains("layers 0..1"), "{e}");
+            }
+            for l in 0..c.n_layers {
+                for h in 0..c.n_heads {
+                    let want = path_by_hand(&m, &pairs, (l, h), None, freeze);
+                    let got = to_logits.values[l * c.n_heads + h];
+                    assert!((got - want).abs() < 2e-4, "{name} L{l}H{h}→logits: {got} vs {want}");
+                    let Ok(to_head) = &to_head else {
+                        continue;
+                    };
+                    assert_eq!(to_head.method, "path to L1H1.k");
+                    let want = if l < 1 {
+                        path_by_hand(&m, &pairs, (l, h), Some((1, 1, BlockHook::K)), freeze)
+                    } else {
+                        p.clean_metric()
+                    };
+                    let got = to_head.values[l * c.n_heads + h];
+                    assert!((got - want).abs() < 2e-4, "{name} L{l}H{h}→L1H1.k: {got} vs {want}");
+                }
+            }
+        }
+    }
+    let e = Receiver::parse("L3H2.x").unwrap_err().to_string();
+    assert!(e.contains("L9H6.q"), "{e}");
+    assert_eq!(
+        Receiver::parse("9.6.v").unwrap(),
+        Receiver::Head {
+            layer: 9,
+            head: 6,
+            input: BlockHook::V
+        }
+    );
+}

@@ -87,6 +87,9 @@ enum Command {
     /// Activation patching (exact or attribution) over prompt pairs: residual, attention and MLP
     /// outputs by layer and position, heads, queries, keys, values and patterns.
     Patch(patch::Args),
+    /// Attribution patching: every patching sweep estimated from one forward and one backward
+    /// pass per pair group (`--method both` compares it with exact patching).
+    Attribute(patch::Args),
     /// Ablate heads, neurons, MLPs or SAE latents (zero, mean or resample) and measure the effect.
     Ablate(ablate::Args),
     /// Steer generation with a vector added to the residual stream (ActAdd, mean difference, SAE
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
         Command::Heads(args) => heads::run(args, json),
         Command::Pairs(args) => pairs::run(args, json),
         Command::Patch(args) => patch::run(args, json),
+        Command::Attribute(args) => patch::run_attribute(args, json),
         Command::Ablate(args) => ablate::run(args, json),
         Command::Steer(args) => steer::run(args, json),
     };
