@@ -540,7 +540,7 @@ impl<'a> Prepared<'a> {
         for idx in batches(seqs) {
             let tokens = stack(self.model, seqs, &idx)?;
             let mut hooks = Hooks::new().with_cache_points(starts.iter().copied());
-            let logits = self.model.run_with_hooks(&tokens, &mut hooks)?;
+            let logits = self.forward(set.measure.last_only(), &tokens, None, &mut hooks)?;
             let cache = hooks.take_cache();
             let resid_pre = starts
                 .iter()
@@ -618,7 +618,8 @@ impl<'a> Prepared<'a> {
                 let copies = (MAX_BATCH_TOKENS / (b * p)).max(1);
                 for chunk in order.chunks(copies) {
                     let chunk_groups: Vec<&[Target]> = chunk.iter().map(|&g| groups[g]).collect();
-                    let logits = self.ablated_logits(batch, &chunk_groups)?; // [copies·b, p, v]
+                    let last_only = set.measure.last_only();
+                    let logits = self.ablated_logits(batch, &chunk_groups, last_only)?;
                     for (j, &g) in chunk.iter().enumerate() {
                         sums[g] += set.score(batch, &logits.narrow(0, j * b, b)?)?;
                     }
@@ -651,9 +652,15 @@ impl<'a> Prepared<'a> {
             .unwrap_or(0)
     }
 
-    /// Logits `[k·b, p, d_vocab]` of `batch` repeated `k = groups.len()` times, copy `j` with
-    /// the targets of `groups[j]` ablated.
-    fn ablated_logits(&self, batch: &Batch, groups: &[&[Target]]) -> Result<Tensor> {
+    /// Logits of `batch` repeated `k = groups.len()` times, copy `j` with the targets of
+    /// `groups[j]` ablated: `[k·b, p, d_vocab]`, or `[k·b, 1, d_vocab]` with `last_only` (see
+    /// [`Prepared::forward`]).
+    fn ablated_logits(
+        &self,
+        batch: &Batch,
+        groups: &[&[Target]],
+        last_only: bool,
+    ) -> Result<Tensor> {
         let (k, b) = (groups.len(), batch.tokens.dim(0)?);
         // Per hook point, what each copy replaces there.
         let mut at: BTreeMap<HookPoint, Vec<Vec<(Target, &Tensor)>>> = BTreeMap::new();
@@ -704,20 +711,49 @@ impl<'a> Prepared<'a> {
             })
         };
         let start = groups.iter().map(|g| self.start(g)).min().unwrap_or(0);
-        let logits = match batch.resid_pre.get(&start) {
+        let tokens = repeat(&batch.tokens)?;
+        match batch.resid_pre.get(&start) {
             // Blocks below `start` run exactly as in the unablated pass.
-            Some(x) if start > 0 => self.model.forward_from(
-                start,
-                &repeat(x)?,
-                None,
-                &mut hooks,
-                RunOptions::default(),
-            )?,
-            _ => self
-                .model
-                .run_with_hooks(&repeat(&batch.tokens)?, &mut hooks)?,
+            Some(x) if start > 0 => {
+                let x = repeat(x)?;
+                self.forward(last_only, &tokens, Some((start, &x)), &mut hooks)
+            }
+            _ => self.forward(last_only, &tokens, None, &mut hooks),
+        }
+    }
+
+    /// Runs `tokens` `[b, p]` (or, with `from = (l, x)`, the residual `x` entering block `l`)
+    /// with `hooks`: logits `[b, p, d_vocab]`, or with `last_only` those of the last position
+    /// `[b, 1, d_vocab]`, skipping the unembedding elsewhere (unless a target's hook lies past the
+    /// blocks). Unablated and ablated runs of a set take the same path.
+    fn forward(
+        &self,
+        last_only: bool,
+        tokens: &Tensor,
+        from: Option<(usize, &Tensor)>,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let last_only = last_only && self.points.values().all(|p| p.layer().is_some());
+        let opts = RunOptions {
+            stop_at_layer: last_only.then_some(self.model.config().n_layers),
+            ..RunOptions::default()
         };
-        Ok(logits)
+        let out = match from {
+            Some((l, x)) => self.model.forward_from(l, x, None, hooks, opts)?,
+            None => self.model.forward_with(tokens, None, hooks, opts)?,
+        };
+        if !last_only {
+            return Ok(out);
+        }
+        let p = out.dim(1)?;
+        Ok(self.model.unembed_residual(&out.narrow(1, p - 1, 1)?)?)
+    }
+}
+
+impl Measure<'_> {
+    /// Whether only the last position's logits are read.
+    fn last_only(&self) -> bool {
+        matches!(self, Measure::Metric { .. })
     }
 }
 
@@ -1010,7 +1046,7 @@ mod tests {
 
     #[test]
     fn resampling_sources_are_other_sequences_at_least_as_long() {
-        let seqs: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![4, 5], vec![6, 7, 8, 9], vec![0, 0]];
+        let seqs: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![4, 5], vec![6, 7, 8], vec![0, 0]];
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let src = others(&refs, 7, "prompt").unwrap();
         for (i, s) in src.iter().enumerate() {
@@ -1023,7 +1059,7 @@ mod tests {
             assert!(from.is_some(), "sequence {i} took {s:?}");
         }
         // The longest sequence has nothing to resample from.
-        let e = others(&refs[..3], 0, "prompt").unwrap_err().to_string();
-        assert!(e.contains("prompt 3 (4 tokens)"), "{e}");
+        let e = others(&refs[..2], 0, "prompt").unwrap_err().to_string();
+        assert!(e.contains("prompt 1 (3 tokens)"), "{e}");
     }
 }

@@ -8,8 +8,10 @@
 //! - [`ioi`]: Indirect Object Identification (Wang et al. 2022, "Interpretability in the Wild",
 //!   <https://arxiv.org/abs/2211.00593>): "When Mary and John went to the store, John gave a drink
 //!   to" → " Mary", with the paper's ABC corruption (three fresh names).
-//! - [`factual`]: factual recall ("The capital of France is" → " Paris" against the same prompt
-//!   about Japan), as in Meng et al. 2022 (ROME, <https://arxiv.org/abs/2202.05262>).
+//! - [`factual`]: factual recall ("The capital city of France is" → " Paris" against the same
+//!   prompt about Japan → " Tokyo"), as in Meng et al. 2022 (ROME,
+//!   <https://arxiv.org/abs/2202.05262>): capitals, official languages, landmarks' cities and
+//!   opposites, facts SmolLM2-135M knows.
 //!
 //! Generated prompts use only names, places, objects and attributes that are one token (with a
 //! leading space) in the tokenizer at hand, so every pair of one template has one token length.
@@ -217,168 +219,27 @@ const IOI_TEMPLATES: [&str; 15] = [
 ];
 
 /// Common English first names; only those one token with a leading space are used.
-const NAMES: [&str; 100] = [
-    "Aaron",
-    "Adam",
-    "Alan",
-    "Albert",
-    "Alex",
-    "Alice",
-    "Amanda",
-    "Amy",
-    "Andrew",
-    "Angela",
-    "Anna",
-    "Anne",
-    "Anthony",
-    "Arthur",
-    "Barbara",
-    "Ben",
-    "Betty",
-    "Bill",
-    "Bob",
-    "Brian",
-    "Carl",
-    "Carol",
-    "Charles",
-    "Charlie",
-    "Chris",
-    "Daniel",
-    "David",
-    "Diana",
-    "Donald",
-    "Edward",
-    "Elizabeth",
-    "Emily",
-    "Emma",
-    "Eric",
-    "Frank",
-    "Fred",
-    "Gary",
-    "George",
-    "Grace",
-    "Hannah",
-    "Harry",
-    "Helen",
-    "Henry",
-    "Jack",
-    "Jacob",
-    "James",
-    "Jane",
-    "Jason",
-    "Jeff",
-    "Jennifer",
-    "Jessica",
-    "Jim",
-    "Joe",
-    "John",
-    "Joseph",
-    "Julia",
-    "Justin",
-    "Karen",
-    "Kate",
-    "Kelly",
-    "Kevin",
-    "Kristen",
-    "Laura",
-    "Linda",
-    "Lisa",
-    "Lucy",
-    "Mark",
-    "Martin",
-    "Mary",
-    "Matt",
-    "Michael",
-    "Mike",
-    "Nancy",
-    "Nick",
-    "Oliver",
-    "Patrick",
-    "Paul",
-    "Peter",
-    "Rachel",
-    "Richard",
-    "Robert",
-    "Roger",
-    "Rose",
-    "Ruth",
-    "Ryan",
-    "Sam",
-    "Sarah",
-    "Scott",
-    "Simon",
-    "Sophie",
-    "Steve",
-    "Susan",
-    "Thomas",
-    "Tim",
-    "Tom",
-    "Tony",
-    "Victoria",
-    "William",
-    "Amber",
-    "Leo",
-];
+const NAMES: &str = "\
+    Aaron Adam Alan Albert Alex Alice Amanda Amy Andrew Angela Anna Anne Anthony Arthur Barbara \
+    Ben Betty Bill Bob Brian Carl Carol Charles Charlie Chris Daniel David Diana Donald Edward \
+    Elizabeth Emily Emma Eric Frank Fred Gary George Grace Hannah Harry Helen Henry Jack Jacob \
+    James Jane Jason Jeff Jennifer Jessica Jim Joe John Joseph Julia Justin Karen Kate Kelly \
+    Kevin Kristen Laura Linda Lisa Lucy Mark Martin Mary Matt Michael Mike Nancy Nick Oliver \
+    Patrick Paul Peter Rachel Richard Robert Roger Rose Ruth Ryan Sam Sarah Scott Simon Sophie \
+    Steve Susan Thomas Tim Tom Tony Victoria William Amber Leo";
 
 /// Places, used after "the".
-const PLACES: [&str; 24] = [
-    "store",
-    "garden",
-    "restaurant",
-    "school",
-    "hospital",
-    "park",
-    "office",
-    "station",
-    "house",
-    "market",
-    "beach",
-    "library",
-    "kitchen",
-    "church",
-    "bank",
-    "museum",
-    "party",
-    "zoo",
-    "shop",
-    "farm",
-    "hotel",
-    "theater",
-    "cafe",
-    "gym",
-];
+const PLACES: &str = "\
+    store garden restaurant school hospital park office station house market beach library \
+    kitchen church bank museum party zoo shop farm hotel theater cafe gym";
 
 /// Things handed over, used after "a", so none starts with a vowel.
-const OBJECTS: [&str; 24] = [
-    "drink",
-    "book",
-    "ring",
-    "bone",
-    "basketball",
-    "computer",
-    "necklace",
-    "flower",
-    "snack",
-    "bag",
-    "key",
-    "letter",
-    "gift",
-    "ball",
-    "pen",
-    "cake",
-    "hat",
-    "phone",
-    "ticket",
-    "card",
-    "map",
-    "cup",
-    "box",
-    "bottle",
-];
+const OBJECTS: &str = "\
+    drink book ring bone basketball computer necklace flower snack bag key letter gift ball pen \
+    cake hat phone ticket card map cup box bottle";
 
 /// How the corrupt prompt of an IOI pair is made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Corruption {
     /// The paper's p_ABC: the same sentence with all three names (IO, S1, S2) replaced by three
     /// fresh, distinct names; no name in the corrupt prompt points to the answer.
@@ -476,9 +337,9 @@ pub fn ioi_with(tok: &Tokenizer, opts: &IoiOptions) -> Result<Vec<IoiPair>> {
     if opts.n == 0 {
         return Err(CircuitError::Input("asked for 0 IOI pairs".into()));
     }
-    let names = single_tokens(tok, &NAMES)?;
-    let places = single_tokens(tok, &PLACES)?;
-    let objects = single_tokens(tok, &OBJECTS)?;
+    let names = single_tokens(tok, NAMES)?;
+    let places = single_tokens(tok, PLACES)?;
+    let objects = single_tokens(tok, OBJECTS)?;
     // Two clean names, and up to three fresh ones for the corrupt prompt.
     let needed = match opts.corruption {
         Corruption::Abc => 5,
@@ -489,7 +350,7 @@ pub fn ioi_with(tok: &Tokenizer, opts: &IoiOptions) -> Result<Vec<IoiPair>> {
             "only {} of the {} built-in names are one token in this tokenizer ({:?}); the {:?} \
              corruption needs {needed}",
             names.len(),
-            NAMES.len(),
+            NAMES.split_whitespace().count(),
             names,
             opts.corruption
         )));
@@ -630,10 +491,10 @@ fn ioi_pair(
     })
 }
 
-/// The words of `words` that are one token with a leading space.
-fn single_tokens<'a>(tok: &Tokenizer, words: &[&'a str]) -> Result<Vec<&'a str>> {
-    let mut kept = Vec::with_capacity(words.len());
-    for &w in words {
+/// The words of `words` (separated by spaces) that are one token with a leading space.
+fn single_tokens(tok: &Tokenizer, words: &'static str) -> Result<Vec<&'static str>> {
+    let mut kept = Vec::new();
+    for w in words.split_whitespace() {
         if tok.encode(&format!(" {w}"), false)?.len() == 1 {
             kept.push(w);
         }
@@ -806,11 +667,13 @@ pub fn factual(tok: &Tokenizer, n: usize, seed: u64) -> Result<Vec<PromptPair>> 
         )));
     }
     let mut pairs = Vec::with_capacity(n);
-    while pairs.len() < n {
+    // Terminates: n ≤ total.
+    'draw: loop {
         for pool in pools.iter_mut() {
-            if let Some(p) = pool.next().filter(|_| pairs.len() < n) {
-                pairs.push(p);
+            if pairs.len() == n {
+                break 'draw;
             }
+            pairs.extend(pool.next());
         }
     }
     Ok(pairs)
@@ -844,7 +707,7 @@ mod tests {
             assert_eq!(&text[at[2]..at[2] + 5], " John");
             assert!(at[0] < at[1] && at[1] < at[2], "{t}");
         }
-        for o in OBJECTS {
+        for o in OBJECTS.split_whitespace() {
             assert!(!o.starts_with(['a', 'e', 'i', 'o', 'u']), "a {o}");
         }
     }

@@ -137,6 +137,17 @@ impl Positions {
     }
 }
 
+impl std::fmt::Display for Positions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Positions::All => f.write_str("every position"),
+            Positions::First(k) => write!(f, "the first {k} prompt positions"),
+            Positions::List(v) => write!(f, "prompt positions {v:?}"),
+            Positions::Generated => f.write_str("generated tokens"),
+        }
+    }
+}
+
 /// A sparse-autoencoder latent held at `coef × max_act`.
 #[derive(Debug, Clone)]
 pub struct FeatureClamp {
@@ -154,7 +165,7 @@ pub enum Direction {
     /// per listed position (needs [`Positions::First`]`(k)` or a list of `k`).
     Add(Tensor),
     /// An SAE latent clamped at every steered position.
-    Clamp(FeatureClamp),
+    Clamp(Box<FeatureClamp>),
 }
 
 /// A steering intervention at one residual hook.
@@ -219,7 +230,7 @@ impl SteeringVector {
         }
         // The row each position of this step gets: None = not steered.
         let plan = move |ctx: &HookCtx, p: usize| -> Vec<Option<usize>> {
-            (ctx.pos_offset + 1..ctx.pos_offset + p + 1)
+            (ctx.pos_offset..ctx.pos_offset + p)
                 .map(|pos| {
                     positions
                         .slot(pos, prompt_len)
@@ -229,7 +240,15 @@ impl SteeringVector {
         };
         Ok(match &self.direction {
             Direction::Add(v) => {
-                let d = v.dims()[v.rank() - 1];
+                let d = match v.dims() {
+                    [d] | [_, d] if *d > 0 => *d,
+                    dims => {
+                        return Err(CircuitError::Input(format!(
+                            "a steering vector must be [d_model] or [k, d_model], got shape \
+                             {dims:?}"
+                        )))
+                    }
+                };
                 // Row 0 is zeros (unsteered positions), rows 1.. are coef × the vector.
                 let scaled = v
                     .to_dtype(DType::F32)?
@@ -250,8 +269,9 @@ impl SteeringVector {
                 })
             }
             Direction::Clamp(c) => {
+                check_sae(&c.sae, c.feature, c.sae.cfg.d_in)?;
                 let target = coef * c.max_act;
-                let onehot = one_hot(c.feature, c.sae.cfg.d_sae, sae_device(&c.sae))?; // [1, d_sae]
+                check_finite("clamped value (coefficient × max_act)", target)?;
                 hooks.with_hook(self.hook, move |x, ctx| {
                     let (b, p, d) = x.dims3()?;
                     let mask: Vec<f32> = plan(ctx, p)
@@ -262,7 +282,7 @@ impl SteeringVector {
                         return Ok(None);
                     }
                     let mask = Tensor::from_vec(mask, (1, p, 1), x.device())?;
-                    let delta = clamp_delta(&c.sae, &onehot, c.feature, target, x)
+                    let delta = clamp_delta(&c.sae, c.feature, target, x)
                         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                     let delta = delta.reshape((b, p, d))?.broadcast_mul(&mask)?;
                     Ok(Some((x + delta.to_dtype(x.dtype())?)?))
@@ -282,36 +302,19 @@ impl SteeringVector {
     }
 }
 
-fn sae_device(sae: &Sae) -> &candle_core::Device {
-    // W_dec exists in every architecture (checked when the dictionary was built).
-    match sae.tensor("W_dec") {
-        Some(w) => w.device(),
-        None => panic!("internal: a checked dictionary without W_dec"),
-    }
-}
-
-fn one_hot(i: usize, n: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let mut v = vec![0f32; n];
-    v[i] = 1.0;
-    Ok(Tensor::from_vec(v, (1, n), dev)?)
-}
-
 /// The change of the SAE's reconstruction of `x [b, p, d]` when latent `feature` is set to
 /// `target`: `[b·p, d]`. Going through the decoder (rather than `W_dec[i]` alone) also undoes
 /// a run-time input normalisation and a TopK decoder-norm rescaling.
-fn clamp_delta(
-    sae: &Sae,
-    onehot: &Tensor,
-    feature: usize,
-    target: f64,
-    x: &Tensor,
-) -> Result<Tensor> {
+fn clamp_delta(sae: &Sae, feature: usize, target: f64, x: &Tensor) -> Result<Tensor> {
     let (b, p, d) = x.dims3()?;
     let flat = x.reshape((b * p, d))?;
     let dict = |e: scalpel_dict::DictError| CircuitError::Input(e.to_string());
     let (f, norm) = sae.encode_with_norm(&flat).map_err(dict)?; // [n, d_sae]
     let change = f.narrow(1, feature, 1)?.affine(-1.0, target)?; // [n, 1]: target − f_i
-    let held = (&f + change.broadcast_mul(onehot)?)?;
+    let mut onehot = vec![0f32; sae.cfg.d_sae];
+    onehot[feature] = 1.0;
+    let onehot = Tensor::from_vec(onehot, (1, sae.cfg.d_sae), f.device())?;
+    let held = (&f + change.broadcast_mul(&onehot)?)?; // f with f_i = target
     let before = sae.decode_with_norm(&f, &norm).map_err(dict)?;
     let after = sae.decode_with_norm(&held, &norm).map_err(dict)?;
     Ok((after - before)?)
@@ -521,11 +524,11 @@ pub fn sae_clamp(
     check_finite("max_act", max_act)?;
     Ok(SteeringVector {
         hook,
-        direction: Direction::Clamp(FeatureClamp {
+        direction: Direction::Clamp(Box::new(FeatureClamp {
             sae,
             feature,
             max_act,
-        }),
+        })),
     })
 }
 

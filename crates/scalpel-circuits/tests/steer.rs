@@ -97,6 +97,41 @@ fn coefficient_zero_reproduces_unsteered_generation() {
     assert_ne!(five.tokens, plain.tokens);
 }
 
+/// In one forward pass over a 4-token prompt and 2 generated tokens, exactly the chosen positions
+/// change at the hook.
+#[test]
+fn exactly_the_chosen_positions_are_steered() {
+    let hook = HookPoint::resid_pre(2);
+    let seq = ids("one two three four five six");
+    assert!(seq.len() >= 6);
+    let seq = &seq[..6];
+    let x = cached(seq, hook);
+    let v = SteeringVector {
+        hook,
+        direction: Direction::Add(Tensor::ones(576, DType::F32, &Device::Cpu).unwrap()),
+    };
+    for (positions, want) in [
+        (Positions::All, vec![0, 1, 2, 3, 4, 5]),
+        (Positions::Generated, vec![4, 5]),
+        (Positions::First(2), vec![0, 1]),
+        (Positions::List(vec![3, 0]), vec![0, 3]),
+    ] {
+        let mut hooks = v
+            .install(Hooks::new().with_cache_points([hook]), 1.0, &positions, 4)
+            .unwrap();
+        let t = Tensor::new(seq, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        model().run_with_hooks(&t, &mut hooks).unwrap();
+        let y = hooks.take_cache().get(hook).unwrap().squeeze(0).unwrap();
+        let changed: Vec<usize> = (0..6)
+            .filter(|&i| max_diff(&x.get(i).unwrap(), &y.get(i).unwrap()) > 0.5)
+            .collect();
+        assert_eq!(changed, want, "{positions:?}");
+    }
+}
+
 /// Generation with a KV cache runs the hook once per step on the new positions only; the
 /// steered generation must equal the greedy reading of one full forward pass with the same
 /// steering over the prompt and the generated tokens.
@@ -430,7 +465,7 @@ fn bad_input_is_refused_with_the_reason() {
         &small,
         HookPoint::resid_pre(2),
         0,
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
     ));
     assert!(e.contains("64") && e.contains("576"), "{e}");
 }

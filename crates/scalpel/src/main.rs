@@ -13,6 +13,7 @@ mod harvest;
 mod heads;
 mod hooks;
 mod inspect;
+mod ioi;
 mod lens;
 mod model;
 mod output;
@@ -95,6 +96,9 @@ enum Command {
     /// Steer generation with a vector added to the residual stream (ActAdd, mean difference, SAE
     /// feature clamping), with a coefficient sweep that shows side effects.
     Steer(steer::Args),
+    /// The indirect-object-identification case study: performance, patching, the heads that
+    /// carry the answer, ablation, attribution against exact patching; a report folder.
+    Ioi(ioi::Args),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
         Command::Attribute(args) => patch::run_attribute(args, json),
         Command::Ablate(args) => ablate::run(args, json),
         Command::Steer(args) => steer::run(args, json),
+        Command::Ioi(args) => ioi::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

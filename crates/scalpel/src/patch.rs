@@ -52,6 +52,9 @@ pub struct Args {
     /// Cells listed per sweep, largest |score| first (JSON always has every cell).
     #[arg(long, default_value_t = 8)]
     pub top: usize,
+    /// Also write the pairs used (e.g. generated ones) to this JSONL file.
+    #[arg(long)]
+    pub save_pairs: Option<PathBuf>,
 }
 
 /// Where the prompt pairs come from.
@@ -156,6 +159,10 @@ struct Report<'a> {
     direction: Direction,
     clean: f64,
     corrupt: f64,
+    /// Seconds to run and cache the clean and corrupt prompts (shared by every sweep).
+    setup_seconds: f64,
+    /// Seconds of one plain forward pass over every clean prompt (the unit of cost).
+    forward_seconds: f64,
     /// Labels of the position axis: the first pair's clean tokens (and IOI roles).
     positions: Vec<String>,
     grids: Vec<GridReport<'a>>,
@@ -218,7 +225,19 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let metric = Metric::parse(&args.metric, Some(tok))?;
     let one_length = sweeps.iter().any(|s| s.by_position());
     let (text, tokens, roles) = args.pairs.load(tok, one_length)?;
+    if let Some(path) = &args.save_pairs {
+        pairs::write_jsonl(path, &text)?;
+    }
+    let t = Instant::now();
     let patcher = Patcher::new(model, &tokens, &metric)?;
+    let setup_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for (len, members) in pairs::by_length(&tokens) {
+        let flat: Vec<u32> = members.iter().flat_map(|&i| tokens[i].clean.clone()).collect();
+        let batch = candle_core::Tensor::from_vec(flat, (members.len(), len), model.device())?;
+        model.forward(&batch)?;
+    }
+    let forward_seconds = t.elapsed().as_secs_f64();
     let mut positions: Vec<String> = tok.token_strings(&tokens[0].clean);
     if let Some(roles) = &roles {
         for (p, r) in positions.iter_mut().zip(roles) {
@@ -282,6 +301,8 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         direction,
         clean: patcher.clean_metric(),
         corrupt: patcher.corrupt_metric(),
+        setup_seconds,
+        forward_seconds,
         positions: positions.clone(),
         grids: grids
             .iter()

@@ -68,7 +68,7 @@ pub struct Args {
     #[arg(long)]
     pub layer: Option<usize>,
     /// Which residual hook of the layer.
-    #[arg(long, value_enum, default_value_t = Site::ResidPre)]
+    #[arg(long, value_enum, default_value_t = Site::Pre)]
     pub site: Site,
     /// The coefficient the vector is multiplied by.
     #[arg(long, allow_negative_numbers = true)]
@@ -115,19 +115,22 @@ pub struct Args {
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Site {
     /// `blocks.L.hook_resid_pre`: entering block L.
-    ResidPre,
+    #[value(name = "resid_pre")]
+    Pre,
     /// `blocks.L.hook_resid_mid`: between attention and MLP.
-    ResidMid,
+    #[value(name = "resid_mid")]
+    Mid,
     /// `blocks.L.hook_resid_post`: leaving block L.
-    ResidPost,
+    #[value(name = "resid_post")]
+    Post,
 }
 
 impl Site {
     fn at(self, layer: usize) -> HookPoint {
         let h = match self {
-            Site::ResidPre => BlockHook::ResidPre,
-            Site::ResidMid => BlockHook::ResidMid,
-            Site::ResidPost => BlockHook::ResidPost,
+            Site::Pre => BlockHook::ResidPre,
+            Site::Mid => BlockHook::ResidMid,
+            Site::Post => BlockHook::ResidPost,
         };
         HookPoint::block(layer, h)
     }
@@ -496,7 +499,7 @@ fn print_human(r: &Report, is_sweep: bool) -> Result<()> {
     writeln!(out, "{} at {}{norm}", r.source, r.hook)?;
     writeln!(
         out,
-        "positions {:?}; held-out text: {} tokens",
+        "steering {}; side effects on {} held-out tokens",
         r.positions, r.heldout_tokens
     )?;
     let one_line = |t: &Option<String>| t.as_deref().unwrap_or("").replace('\n', "⏎");
