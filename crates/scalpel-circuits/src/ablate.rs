@@ -888,6 +888,9 @@ fn means(
         by_point.entry(p).or_default().push(t);
     }
     let mut sums: HashMap<Target, Tensor> = HashMap::new();
+    if by_point.is_empty() {
+        return Ok(sums);
+    }
     let mut count = 0;
     for idx in batches(seqs) {
         let tokens = stack(model, seqs, &idx)?;

@@ -100,8 +100,8 @@ fn mask(len: usize, at: usize) -> Vec<f32> {
     (0..len).map(|i| if i == at { 1.0 } else { 0.0 }).collect()
 }
 
-/// `x·(1 − m) + v·m` for a 0/1 mask `m` over axis 2 (`mask_shape` broadcasts over the rest):
-/// replacement by arithmetic, independent of the library's slicing.
+/// `x·(1 − m) + v·m` for a 0/1 mask `m` over axis 2, broadcast over the rest: replacement by
+/// arithmetic, independent of the library's slicing.
 fn masked(x: &Tensor, m: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let keep = m.affine(-1.0, 1.0)?;
     x.broadcast_mul(&keep)?.broadcast_add(&v.broadcast_mul(m)?)
@@ -169,6 +169,9 @@ fn check(what: &str, e: &Effect, (metric, loss): (f64, f64)) {
     assert_near(&format!("{what} loss"), e.loss.unwrap().ablated, loss);
 }
 
+/// Builds the hand-made hooks of one run.
+type MakeHooks = Box<dyn Fn() -> Hooks<'static>>;
+
 #[test]
 fn zero_ablation_equals_zeroing_by_hand() {
     let (pairs, text, metric) = (pairs(), text(), Metric::logit_diff());
@@ -192,7 +195,7 @@ fn zero_ablation_equals_zeroing_by_hand() {
             Tensor::from_vec(mask(c.n_heads, 2), (1, 1, c.n_heads, 1), &Device::Cpu).unwrap();
         let neuron_mask =
             Tensor::from_vec(mask(c.d_mlp, 17), (1, 1, c.d_mlp), &Device::Cpu).unwrap();
-        let cases: Vec<(Vec<Target>, Box<dyn Fn() -> Hooks<'static>>)> = vec![
+        let cases: Vec<(Vec<Target>, MakeHooks)> = vec![
             (
                 vec![Target::Head { layer: 1, head: 2 }],
                 Box::new({

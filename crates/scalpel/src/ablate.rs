@@ -176,15 +176,18 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     } else {
         args.targets
             .iter()
-            .map(|t| Target::parse(t, model.config(), sae.as_ref()))
-            .collect::<Result<_, _>>()?
+            .map(|t| Ok(Target::parse(t, model.config(), sae.as_ref())?))
+            .collect::<Result<_>>()?
     };
     let prompt_pairs = match (&args.pairs, args.ioi) {
         (Some(path), _) => Some(pairs::read_jsonl(path)?),
         (None, Some(n)) => Some(pairs::ioi(tok, n, args.seed)?),
         (None, None) => None,
     };
-    let token_pairs = prompt_pairs.map(|p| pairs::tokenize(tok, &p)).transpose()?;
+    let token_pairs = match prompt_pairs {
+        Some(p) => Some(pairs::tokenize(tok, &p)?),
+        None => None,
+    };
     let metric = Metric::parse(&args.metric, Some(tok))?;
     let text = if args.no_loss {
         None
@@ -276,16 +279,16 @@ fn method(
                     (Reference::Sequences(w), path.to_string())
                 }
             };
-            (Method::Mean(reference), Some(format!("mean over {from}")))
+            (Method::Mean(reference), Some(format!("over {from}")))
         }
         MethodArg::Resample => match args.resample_from {
             SourceArg::Corrupt => (
                 Method::Resample(Source::Corrupt),
-                Some("resampled from the corrupt prompts".into()),
+                Some("from the corrupt prompts".into()),
             ),
             SourceArg::Other => (
                 Method::Resample(Source::Other { seed: args.seed }),
-                Some("resampled from other clean prompts".into()),
+                Some(format!("from other clean prompts, seed {}", args.seed)),
             ),
         },
     })
@@ -424,19 +427,17 @@ fn print_report(r: &Report, top: usize) -> Result<()> {
             "\n{:<10} {:>10} {:>10} {:>10} {:>10}",
             "target", "metric", "change", "loss", "change"
         )?;
-        let cell = |c: Option<Change>, f: fn(&Change) -> f64| {
-            c.map_or("-".to_string(), |c| format!("{:.4}", f(&c)))
+        let show = |c: Option<Change>| match c {
+            Some(c) => (format!("{:.4}", c.ablated), format!("{:+.4}", c.change)),
+            None => ("-".to_string(), "-".to_string()),
         };
         for e in ranking.iter().take(top) {
             let names: Vec<String> = e.targets.iter().map(Target::to_string).collect();
+            let ((m, mc), (l, lc)) = (show(e.metric), show(e.loss));
             writeln!(
                 out,
-                "{:<10} {:>10} {:>10} {:>10} {:>10}",
+                "{:<10} {m:>10} {mc:>10} {l:>10} {lc:>10}",
                 names.join("+"),
-                cell(e.metric, |c| c.ablated),
-                cell(e.metric, |c| c.change),
-                cell(e.loss, |c| c.ablated),
-                cell(e.loss, |c| c.change),
             )?;
         }
         if ranking.len() > top {

@@ -93,7 +93,7 @@ fn each_ranks_targets_by_the_metric_drop() {
         })
         .collect();
     assert!(drops.windows(2).all(|w| w[0] >= w[1]), "{drops:?}");
-    assert_eq!(v["from"], "resampled from the corrupt prompts");
+    assert_eq!(v["from"], "from the corrupt prompts");
 }
 
 #[test]
@@ -158,4 +158,64 @@ fn bad_targets_and_text_are_refused() {
             "{all:?}: expected {needle:?} in {err}"
         );
     }
+}
+
+#[test]
+fn sae_latents_and_pairs_files() {
+    use candle_core::Device;
+    use scalpel_dict::{saelens, Architecture, DictConfig, Sae};
+    let dir = scratch("ablate", "sae");
+    let mut cfg = DictConfig::new(Architecture::Standard, 576, 64);
+    cfg.metadata.hook_name = Some("blocks.3.hook_resid_pre".into());
+    let sae = Sae::random(cfg, 0.05, &Device::Cpu).unwrap();
+    let sae_dir = dir.join("sae");
+    saelens::save(&sae, &sae_dir).unwrap();
+    let pairs = dir.join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        concat!(
+            r#"{"clean": "When Mary and John went to the store, John gave a drink to", "#,
+            r#""corrupt": "When Alice and Bob went to the store, Carl gave a drink to", "#,
+            r#""answer": " Mary", "wrong": " John"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let (sae_arg, pairs_arg) = (sae_dir.to_str().unwrap(), pairs.to_str().unwrap());
+    let v = json(&[
+        "ablate",
+        "--pairs",
+        pairs_arg,
+        "--sae",
+        sae_arg,
+        "--target",
+        "sae:5",
+        "--target",
+        "SAE:63",
+        "--method",
+        "zero",
+        "--no-loss",
+        "--json",
+    ]);
+    assert_eq!(
+        v["effect"]["targets"],
+        serde_json::json!(["sae:5", "sae:63"])
+    );
+    assert_eq!(v["pairs"], 1);
+    consistent(&v["effect"]["metric"]);
+    let o = scalpel(&[
+        "ablate",
+        "--pairs",
+        pairs_arg,
+        "--sae",
+        sae_arg,
+        "--target",
+        "sae:64",
+        "--no-loss",
+    ]);
+    let err = text(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("d_sae 64 (0 to 63)"),
+        "{err}"
+    );
 }
