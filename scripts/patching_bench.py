@@ -25,7 +25,9 @@ What is measured (everything on `--threads` CPU threads):
   (z_clean - z_corrupt) * dM/dz_corrupt. The notebook also backpropagates through the clean
   run and into the weights; here the weights are frozen (requires_grad False) and the
   gradient enters at the embedding output, which is the cheapest way to get the same numbers,
-  so the reference's timing is a fair (if anything generous) one.
+  so the reference's timing is a fair (if anything generous) one. The reported time is the
+  median of 3 runs after one warm-up run and covers clean forward, corrupt forward, backward
+  and the final products; the grid holds the estimate itself (not base metric + estimate).
 
 z is TransformerLens's hook_z: the input of o_proj viewed as [batch, pos, n_heads, d_head].
 
