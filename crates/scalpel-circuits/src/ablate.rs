@@ -529,7 +529,7 @@ impl<'a> Prepared<'a> {
             .filter(|&l| l > 0)
             .map(HookPoint::resid_pre)
             .collect();
-        let by_point = self.by_point();
+        let by_point = by_point(&self.points);
         let mut set = Set {
             measure,
             batches: Vec::new(),
@@ -569,15 +569,6 @@ impl<'a> Prepared<'a> {
         }
         set.clean = total / count as f64;
         Ok(set)
-    }
-
-    /// The prepared targets grouped by hook point.
-    fn by_point(&self) -> BTreeMap<HookPoint, Vec<Target>> {
-        let mut by_point: BTreeMap<HookPoint, Vec<Target>> = BTreeMap::new();
-        for (&t, &p) in &self.points {
-            by_point.entry(p).or_default().push(t);
-        }
-        by_point
     }
 
     /// The effect of ablating each of `groups` (each a set of targets ablated together). Several
@@ -859,7 +850,8 @@ fn others(seqs: &[&[u32]], seed: u64, what: &str) -> Result<Vec<Vec<u32>>> {
                 .collect();
             if candidates.is_empty() {
                 return Err(CircuitError::Input(format!(
-                    "{what} {} ({} tokens) has no other {what} at least as long to resample from",
+                    "{what} {} ({} tokens) has no other {what} at least as long to resample \
+                     from (resampling from other {what}s needs two of the longest length)",
                     i + 1,
                     s.len()
                 )));
@@ -868,6 +860,15 @@ fn others(seqs: &[&[u32]], seed: u64, what: &str) -> Result<Vec<Vec<u32>>> {
             Ok(seqs[j][..s.len()].to_vec())
         })
         .collect()
+}
+
+/// Targets grouped by their hook point.
+fn by_point(points: &HashMap<Target, HookPoint>) -> BTreeMap<HookPoint, Vec<Target>> {
+    let mut by_point: BTreeMap<HookPoint, Vec<Target>> = BTreeMap::new();
+    for (&t, &p) in points {
+        by_point.entry(p).or_default().push(t);
+    }
+    by_point
 }
 
 fn cached(cache: &scalpel_core::ActivationCache, point: HookPoint) -> Result<&Tensor> {
@@ -883,10 +884,7 @@ fn means(
     points: &HashMap<Target, HookPoint>,
     sae: Option<&LatentSae>,
 ) -> Result<HashMap<Target, Tensor>> {
-    let mut by_point: BTreeMap<HookPoint, Vec<Target>> = BTreeMap::new();
-    for (&t, &p) in points {
-        by_point.entry(p).or_default().push(t);
-    }
+    let by_point = by_point(points);
     let mut sums: HashMap<Target, Tensor> = HashMap::new();
     if by_point.is_empty() {
         return Ok(sums);

@@ -291,7 +291,10 @@ impl Parser<'_> {
 
     fn skip_ws(&mut self) {
         while self.src[self.pos..].starts_with(char::is_whitespace) {
-            self.pos += self.src[self.pos..].chars().next().map_or(1, char::len_utf8);
+            self.pos += self.src[self.pos..]
+                .chars()
+                .next()
+                .map_or(1, char::len_utf8);
         }
     }
 
@@ -369,7 +372,8 @@ impl Parser<'_> {
             }
             Some(c) if c.is_ascii_alphabetic() => {
                 let start = self.pos;
-                while self.src[self.pos..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+                while self.src[self.pos..]
+                    .starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
                 {
                     self.pos += 1;
                 }
@@ -477,12 +481,19 @@ mod tests {
         let l = logits();
         let m = Metric::parse("2 * (logit(answer) - logit(#3)) / 4 + -1", None).unwrap();
         assert!(m.is_linear() && !m.needs_softmax());
-        let v = m.eval(&l, &[0, 2], &[1, 1]).unwrap().to_vec1::<f32>().unwrap();
+        let v = m
+            .eval(&l, &[0, 2], &[1, 1])
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(v, vec![(1.0 - 0.5) / 2.0 - 1.0, (4.0 - 2.0) / 2.0 - 1.0]);
         let m = Metric::parse("logprob(answer) - logprob(wrong)", None).unwrap();
         assert!(!m.is_linear());
         let v = m.eval(&l, &[2], &[1]).map(|_| ());
-        assert!(v.is_err(), "one row of answers for two rows of logits is refused");
+        assert!(
+            v.is_err(),
+            "one row of answers for two rows of logits is refused"
+        );
         let v = m
             .eval(&l, &[2, 2], &[1, 1])
             .unwrap()

@@ -375,11 +375,7 @@ impl<'m> Patcher<'m> {
         }
         let n_pairs = pairs.len();
         let mean = |f: &dyn Fn(&Group) -> &Run| {
-            groups
-                .iter()
-                .flat_map(|g| f(g).metric.iter())
-                .sum::<f64>()
-                / n_pairs as f64
+            groups.iter().flat_map(|g| f(g).metric.iter()).sum::<f64>() / n_pairs as f64
         };
         let clean = mean(&|g| &g.clean);
         let corrupt = mean(&|g| &g.corrupt);
@@ -427,7 +423,14 @@ impl<'m> Patcher<'m> {
         let lens: Vec<String> = self
             .groups
             .iter()
-            .map(|g| format!("{} tokens (pair {} and {} more)", g.seq, g.members[0] + 1, g.members.len() - 1))
+            .map(|g| {
+                format!(
+                    "{} tokens (pair {} and {} more)",
+                    g.seq,
+                    g.members[0] + 1,
+                    g.members.len() - 1
+                )
+            })
             .collect();
         Err(CircuitError::Input(format!(
             "the {} sweep has a position axis, so every pair must have the same length; these \
@@ -441,7 +444,13 @@ impl<'m> Patcher<'m> {
         let d = self.clean - self.corrupt;
         values
             .iter()
-            .map(|v| if d == 0.0 { 0.0 } else { (v - self.corrupt) / d })
+            .map(|v| {
+                if d == 0.0 {
+                    0.0
+                } else {
+                    (v - self.corrupt) / d
+                }
+            })
             .collect()
     }
 
@@ -726,7 +735,10 @@ impl<'m> Patcher<'m> {
         let rows = seq - p0;
         let variants: Vec<usize> = (0..nh).collect();
         let repeat = |t: &Tensor| -> Result<Tensor> {
-            Ok(Tensor::cat(&vec![&t.narrow(1, p0, rows)?.contiguous()?; nh], 0)?)
+            Ok(Tensor::cat(
+                &vec![&t.narrow(1, p0, rows)?.contiguous()?; nh],
+                0,
+            )?)
         };
         let opts = RunOptions {
             stop_at_layer: Some(c.n_layers),
@@ -783,7 +795,11 @@ impl<'m> Patcher<'m> {
                 let dims = rec.dims().to_vec();
                 let heads = dims[2];
                 let mut m = vec![0f32; heads];
-                let h = if heads == c.n_heads { *head } else { head / c.n_rep() };
+                let h = if heads == c.n_heads {
+                    *head
+                } else {
+                    head / c.n_rep()
+                };
                 m[h] = 1.0;
                 let m = Tensor::from_vec(m, (1, 1, heads, 1), model.device())?;
                 hooks = hooks.with_hook(hp, move |a, _| {
@@ -838,8 +854,8 @@ impl<'m> Patcher<'m> {
             let logits = model.run_with_hooks(&base.tokens, &mut hooks)?;
             let last = logits.narrow(1, g.seq - 1, 1)?.squeeze(1)?;
             // The mean over all pairs, so the estimates add up across groups.
-            let m = (self.metric.eval(&last, &g.answer, &g.wrong)?.sum_all()?
-                / self.n_pairs as f64)?;
+            let m =
+                (self.metric.eval(&last, &g.answer, &g.wrong)?.sum_all()? / self.n_pairs as f64)?;
             let grads = hooks.gradients(&m.backward()?)?;
             for (k, &s) in sweeps.iter().enumerate() {
                 for l in 0..c.n_layers {
@@ -909,7 +925,9 @@ impl Receiver {
         let (head_part, input) = match lower.rsplit_once('.') {
             Some((h, i)) if matches!(i, "q" | "k" | "v") => (h.to_string(), i.to_string()),
             _ => match lower.chars().last() {
-                Some(c @ ('q' | 'k' | 'v')) => (lower[..lower.len() - 1].to_string(), c.to_string()),
+                Some(c @ ('q' | 'k' | 'v')) => {
+                    (lower[..lower.len() - 1].to_string(), c.to_string())
+                }
                 _ => return Err(bad()),
             },
         };
@@ -1045,14 +1063,18 @@ fn reduce(sweep: Sweep, prod: &Tensor) -> Result<Vec<f64>> {
         // [b, h, q, k] → [h]
         Sweep::PatternHead => prod.sum(3)?.sum(2)?.sum(0)?,
     };
-    Ok(t.flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?)
+    Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
 /// The clean or corrupt run of a group: logits and metric, every block's activations at the
 /// hooks patching reads, and the keys and values.
-fn run(model: &Model, tokens: Tensor, metric: &Metric, answer: &[u32], wrong: &[u32]) -> Result<Run> {
+fn run(
+    model: &Model,
+    tokens: Tensor,
+    metric: &Metric,
+    answer: &[u32],
+    wrong: &[u32],
+) -> Result<Run> {
     let n_layers = model.config().n_layers;
     let valid = model.hook_points();
     let points: Vec<HookPoint> = (0..n_layers)

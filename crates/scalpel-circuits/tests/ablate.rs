@@ -1,6 +1,9 @@
 //! Ablation against forward passes edited by hand on tiny random models (LayerNorm with learned
-//! positions; RMSNorm with rotary, a gated MLP and grouped-query attention), and a sanity check on
-//! the real default model (SmolLM2-135M-Instruct, fetched once into the cache).
+//! positions; RMSNorm with rotary and a gated MLP), and on the real default model
+//! (SmolLM2-135M-Instruct, grouped-query attention, fetched once into the cache) a hand check and
+//! a sanity check of the sizes of effects.
+
+mod common;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -13,51 +16,19 @@ use scalpel_circuits::metric::Metric;
 use scalpel_circuits::pairs::{self, TokenPair};
 use scalpel_core::{BlockHook, HookPoint, Hooks};
 use scalpel_dict::{Architecture, DictConfig, Sae};
-use scalpel_models::config::{Act, Config, Mlp, Norm, Pos};
 use scalpel_models::loader::LoadedModel;
-use scalpel_models::transformer::{Model, WeightSource};
+use scalpel_models::transformer::Model;
 
+/// The shared tiny models with two layers and an MLP: LayerNorm with learned positions and
+/// biases; RMSNorm with rotary and a gated MLP.
 fn models() -> Vec<(&'static str, Model)> {
-    let gpt2ish = Config::toy(2, 16, 4, 37, 12, false);
-    let mut llamaish = Config::toy(2, 16, 4, 37, 12, false);
-    llamaish.norm = Norm::RmsNorm;
-    llamaish.pos = Pos::Rotary {
-        theta: 10_000.0,
-        scaling: None,
-    };
-    llamaish.mlp = Some(Mlp::Gated { act: Act::Silu });
-    llamaish.n_kv_heads = 2;
-    llamaish.qkv_bias = false;
-    llamaish.attn_out_bias = false;
-    llamaish.mlp_bias = false;
-    [("LayerNorm", gpt2ish), ("RMSNorm + GQA", llamaish)]
+    common::models()
         .into_iter()
-        .enumerate()
-        .map(|(i, (n, c))| {
-            let m = Model::load(c, &mut Gaussian(10 * i as u64 + 1), &Device::Cpu).unwrap();
-            (n, m)
-        })
+        .filter(|(_, m)| m.config().n_layers >= 2 && m.config().mlp.is_some())
         .collect()
 }
 
-/// Normal draws for every tensor: biases N(0, 0.2²), norm weights N(0, 0.8²), matrices
-/// N(0, 0.36/fan_in) (as in `lens_dla.rs`).
-struct Gaussian(u64);
-
-impl WeightSource for Gaussian {
-    fn get(&mut self, name: &str, shape: &[usize], dev: &Device) -> scalpel_models::Result<Tensor> {
-        let std = if name.ends_with(".b") {
-            0.2
-        } else if shape.len() == 1 {
-            0.8
-        } else {
-            0.6 / (shape[1] as f64).sqrt()
-        };
-        self.0 += 1;
-        Ok(Tensor::from_vec(normal(self.0, shape, std), shape, dev)?)
-    }
-}
-
+/// Seeded normal draws (for SAE weights).
 fn normal(seed: u64, shape: &[usize], std: f64) -> Vec<f32> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -776,4 +747,34 @@ fn smollm2_layers_move_the_loss_and_a_mean_neuron_barely() {
         loss(neuron).change != 0.0,
         "the neuron is not ablated at all"
     );
+}
+
+#[test]
+fn smollm2_zero_ablating_a_grouped_query_head_equals_zeroing_it_by_hand() {
+    let lm = smollm2();
+    let (m, tok) = (&lm.model, lm.tokenizer().unwrap());
+    let c = m.config();
+    assert!(c.n_kv_heads < c.n_heads, "SmolLM2 shares keys and values");
+    let text = vec![tok.encode(PARAGRAPH, true).unwrap()];
+    let pairs = pairs::tokenize(tok, &pairs::ioi(tok, 3, 2).unwrap()).unwrap();
+    let metric = Metric::logit_diff();
+    // Head 4 shares its key/value head with heads 3 and 5, which must stay as they are.
+    let hm = Tensor::from_vec(mask(c.n_heads, 4), (1, 1, c.n_heads, 1), &Device::Cpu).unwrap();
+    let hand = by_hand(m, &pairs, &text, |_, _| {
+        let hm = hm.clone();
+        Hooks::new().with_hook(HookPoint::block(3, BlockHook::Z), move |x, _| {
+            Ok(Some(masked(x, &hm, &x.zeros_like()?)?))
+        })
+    });
+    let target = [Target::Head { layer: 3, head: 4 }];
+    let e = ablate(
+        m,
+        &target,
+        &Method::Zero,
+        None,
+        data(&pairs, &text, &metric),
+    )
+    .unwrap();
+    check("SmolLM2 L3H4", &e, hand);
+    assert!(e.loss.unwrap().change.abs() > 1e-4, "{e:?}");
 }

@@ -5,7 +5,6 @@ use candle_core::{Device, Tensor};
 use scalpel_circuits::dla::direct_logit_attribution;
 use scalpel_circuits::lens::logit_lens;
 use scalpel_circuits::CircuitError;
-use scalpel_models::transformer::Model;
 
 mod common;
 use common::models;

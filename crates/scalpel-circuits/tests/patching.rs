@@ -36,9 +36,8 @@ impl Fixture {
         let ids = |k: &str| -> Vec<Vec<u32>> {
             t[k].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap()
         };
-        let one = |k: &str| -> Vec<u32> {
-            t[k].to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap()
-        };
+        let one =
+            |k: &str| -> Vec<u32> { t[k].to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap() };
         let (clean, corrupt, answer, wrong) =
             (ids("clean"), ids("corrupt"), one("answer"), one("wrong"));
         let pairs = (0..clean.len())
@@ -103,10 +102,16 @@ fn every_sweep_matches_pytorch_hooks_on_transformers() {
                 let key = format!("{}.{}", dir.name(), sweep.name());
                 let g = p.exact(sweep, dir, |_, _| {}).unwrap();
                 assert_eq!(g.shape, f.shape(&key), "{name} {key} shape");
-                assert_close(&format!("{name} {key}"), &g.values, &f.values(&key), 1e-4, 0.0);
+                assert_close(
+                    &format!("{name} {key}"),
+                    &g.values,
+                    &f.values(&key),
+                    1e-4,
+                    0.0,
+                );
                 // The normalised score uses the unpatched metrics.
-                let s = (g.values[1] - p.corrupt_metric())
-                    / (p.clean_metric() - p.corrupt_metric());
+                let s =
+                    (g.values[1] - p.corrupt_metric()) / (p.clean_metric() - p.corrupt_metric());
                 assert!((g.scores[1] - s).abs() < 1e-12);
 
                 let est: Vec<f64> = a.values.iter().map(|v| v - base).collect();
@@ -122,7 +127,9 @@ fn every_sweep_matches_pytorch_hooks_on_transformers() {
         }
         // A softmax metric: relative agreement (the probabilities are tiny).
         let pp = Patcher::new(&f.model, &f.pairs, &Metric::prob()).unwrap();
-        let g = pp.exact(Sweep::ResidPre, Direction::Denoise, |_, _| {}).unwrap();
+        let g = pp
+            .exact(Sweep::ResidPre, Direction::Denoise, |_, _| {})
+            .unwrap();
         assert_close(
             &format!("{name} denoise_prob.resid_pre"),
             &g.values,
@@ -171,11 +178,17 @@ fn nothing_patched_scores_zero_and_the_whole_residual_scores_one() {
             let all = p
                 .patched_score(Direction::Denoise, &[Patch::all(HookPoint::resid_pre(l))])
                 .unwrap();
-            assert!((all - 1.0).abs() < 1e-4, "{name}: whole resid_pre {l}: {all}");
+            assert!(
+                (all - 1.0).abs() < 1e-4,
+                "{name}: whole resid_pre {l}: {all}"
+            );
             let all = p
                 .patched_score(Direction::Noise, &[Patch::all(HookPoint::resid_pre(l))])
                 .unwrap();
-            assert!(all.abs() < 1e-4, "{name}: noising the whole resid_pre {l}: {all}");
+            assert!(
+                all.abs() < 1e-4,
+                "{name}: noising the whole resid_pre {l}: {all}"
+            );
         }
     }
 }
@@ -221,11 +234,19 @@ fn fast_sweeps_equal_plain_patched_forwards() {
         // Position sweeps need one length.
         let err = p.exact(Sweep::ResidPre, Direction::Denoise, |_, _| {});
         let msg = err.unwrap_err().to_string();
-        assert!(msg.contains("same length") && msg.contains("7 tokens"), "{msg}");
+        assert!(
+            msg.contains("same length") && msg.contains("7 tokens"),
+            "{msg}"
+        );
 
         let pairs = random_pairs(3, 7, 2, 8);
         let p = Patcher::new(&m, &pairs, &metric).unwrap();
-        for sweep in [Sweep::ResidPre, Sweep::AttnOut, Sweep::MlpOut, Sweep::ZHeadPos] {
+        for sweep in [
+            Sweep::ResidPre,
+            Sweep::AttnOut,
+            Sweep::MlpOut,
+            Sweep::ZHeadPos,
+        ] {
             if sweep == Sweep::MlpOut && c.mlp.is_none() {
                 let e = p.exact(sweep, Direction::Denoise, |_, _| {}).unwrap_err();
                 assert!(e.to_string().contains("does not have"), "{e}");
@@ -297,8 +318,15 @@ fn attribution_equals_exact_patching_where_the_metric_is_linear() {
         let attr = &p.attribution(&[Sweep::MlpOut], dir).unwrap()[0];
         let seq = exact.shape[1];
         for pos in 0..seq {
-            let (e, a) = (exact.values[last * seq + pos], attr.values[last * seq + pos]);
-            assert!((e - a).abs() < 1e-4, "{} pos {pos}: exact {e}, attribution {a}", dir.name());
+            let (e, a) = (
+                exact.values[last * seq + pos],
+                attr.values[last * seq + pos],
+            );
+            assert!(
+                (e - a).abs() < 1e-4,
+                "{} pos {pos}: exact {e}, attribution {a}",
+                dir.name()
+            );
         }
         // And not in general: the first block's residual feeds nonlinear layers.
         let exact = p.exact(Sweep::ResidPre, dir, |_, _| {}).unwrap();
@@ -322,7 +350,10 @@ fn bad_requests_are_refused_clearly() {
     let mut pairs = random_pairs(2, 5, 1, 1);
     pairs[1].corrupt.push(3);
     let e = Patcher::new(&m, &pairs, &metric).err().unwrap().to_string();
-    assert!(e.contains("pair 2") && e.contains("5 tokens") && e.contains("6"), "{e}");
+    assert!(
+        e.contains("pair 2") && e.contains("5 tokens") && e.contains("6"),
+        "{e}"
+    );
     let mut pairs = random_pairs(2, 5, 1, 1);
     pairs[0].answer = 999;
     let e = Patcher::new(&m, &pairs, &metric).err().unwrap().to_string();
@@ -417,7 +448,11 @@ fn path_patching_equals_the_two_step_recipe() {
         let c = m.config().clone();
         let pairs = random_pairs(3, 6, 1, 31);
         let p = Patcher::new(&m, &pairs, &Metric::logit_diff()).unwrap();
-        let freezes: &[bool] = if c.mlp.is_some() { &[false, true] } else { &[false] };
+        let freezes: &[bool] = if c.mlp.is_some() {
+            &[false, true]
+        } else {
+            &[false]
+        };
         for &freeze in freezes {
             let to_logits = p
                 .path(&[Receiver::Logits], Direction::Noise, freeze, |_, _| {})
@@ -436,7 +471,10 @@ fn path_patching_equals_the_two_step_recipe() {
                 for h in 0..c.n_heads {
                     let want = path_by_hand(&m, &pairs, (l, h), None, freeze);
                     let got = to_logits.values[l * c.n_heads + h];
-                    assert!((got - want).abs() < 2e-4, "{name} L{l}H{h}→logits: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 2e-4,
+                        "{name} L{l}H{h}→logits: {got} vs {want}"
+                    );
                     let Ok(to_head) = &to_head else {
                         continue;
                     };
@@ -447,7 +485,10 @@ fn path_patching_equals_the_two_step_recipe() {
                         p.clean_metric()
                     };
                     let got = to_head.values[l * c.n_heads + h];
-                    assert!((got - want).abs() < 2e-4, "{name} L{l}H{h}→L1H1.k: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 2e-4,
+                        "{name} L{l}H{h}→L1H1.k: {got} vs {want}"
+                    );
                 }
             }
         }

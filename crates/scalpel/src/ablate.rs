@@ -61,7 +61,8 @@ pub enum MethodArg {
 pub enum SourceArg {
     /// Each pair's corrupt prompt (held-out text resamples from its other windows).
     Corrupt,
-    /// Another clean prompt (or text window) at least as long, drawn with `--seed`.
+    /// Another clean prompt (or text window) at least as long, drawn with `--seed` (so the
+    /// longest length needs two prompts).
     Other,
 }
 
@@ -238,7 +239,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             },
         )?;
         drop(bar);
-        if let (Some(dir), true) = (&args.out, args.each_head) {
+        if let Some(dir) = &args.out {
             report.heatmap = Some(heatmap(dir, model.config(), &ranking, &report)?);
         }
         ranking.sort_by(|a, b| severity(b).total_cmp(&severity(a)));

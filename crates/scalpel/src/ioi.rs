@@ -138,7 +138,12 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let top1 = top1_accuracy(model, &tokens)?;
 
     // Direct logit attribution per head, averaged over prompts.
-    let bar = CountBar::start(tokens.len() as u64, 0, "direct logit attribution".into(), "prompts");
+    let bar = CountBar::start(
+        tokens.len() as u64,
+        0,
+        "direct logit attribution".into(),
+        "prompts",
+    );
     let mut dla = vec![vec![0.0; c.n_heads]; c.n_layers];
     for p in &tokens {
         let t = Tensor::new(p.clean.as_slice(), model.device())?.unsqueeze(0)?;
@@ -153,11 +158,12 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     drop(bar);
 
     // Patching of heads over every prompt, and attribution patching beside it.
-    let progress = |name: &str, total: usize| {
-        CountBar::start(total as u64, 0, name.to_string(), "runs")
-    };
+    let progress =
+        |name: &str, total: usize| CountBar::start(total as u64, 0, name.to_string(), "runs");
     let bar = progress("path patching to the logits", c.n_layers * patcher.groups());
-    let path = patcher.path(&[Receiver::Logits], Direction::Noise, false, |_, _| bar.inc(1))?;
+    let path = patcher.path(&[Receiver::Logits], Direction::Noise, false, |_, _| {
+        bar.inc(1)
+    })?;
     drop(bar);
     let bar = progress("patching hook_z", patcher.planned_runs(Sweep::ZHead));
     let z_exact = patcher.exact(Sweep::ZHead, Direction::Denoise, |_, _| bar.inc(1))?;
@@ -185,7 +191,11 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         .flat_map(|l| (0..c.n_heads).map(move |h| (l, h)))
         .collect();
     ranked.sort_by(|a, b| dla[b.0][b.1].total_cmp(&dla[a.0][a.1]));
-    let name_movers: Vec<HeadInfo> = ranked.iter().take(args.top).map(|&(l, h)| info(l, h)).collect();
+    let name_movers: Vec<HeadInfo> = ranked
+        .iter()
+        .take(args.top)
+        .map(|&(l, h)| info(l, h))
+        .collect();
     let negative: Vec<HeadInfo> = ranked
         .iter()
         .rev()
@@ -215,8 +225,14 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         .collect();
     let mut ablations = Vec::new();
     for (what, targets) in [
-        (format!("top {} direct-effect heads", args.top), heads_of(&name_movers)),
-        (format!("top {} negative heads", negative.len()), heads_of(&negative)),
+        (
+            format!("top {} direct-effect heads", args.top),
+            heads_of(&name_movers),
+        ),
+        (
+            format!("top {} negative heads", negative.len()),
+            heads_of(&negative),
+        ),
         (format!("{} random heads", args.top), random_heads),
     ] {
         if targets.is_empty() {
@@ -245,9 +261,15 @@ pub fn run(args: Args, json: bool) -> Result<()> {
 
     // Layer × position patching on prompts of one template.
     let pos_set = one_template(tok, args.seed, args.position_pairs)?;
-    let pos_tokens = pairs::tokenize(tok, &pos_set.iter().map(|p| p.pair.clone()).collect::<Vec<_>>())?;
+    let pos_tokens = pairs::tokenize(
+        tok,
+        &pos_set.iter().map(|p| p.pair.clone()).collect::<Vec<_>>(),
+    )?;
     let pos_patcher = Patcher::new(model, &pos_tokens, &metric)?;
-    let bar = progress("patching resid_pre", pos_patcher.planned_runs(Sweep::ResidPre));
+    let bar = progress(
+        "patching resid_pre",
+        pos_patcher.planned_runs(Sweep::ResidPre),
+    );
     let resid_exact = pos_patcher.exact(Sweep::ResidPre, Direction::Denoise, |_, _| bar.inc(1))?;
     drop(bar);
     let resid_attr = pos_patcher
@@ -263,8 +285,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     }
     let pos = pos_set[0].positions;
     let seq = pos_tokens[0].clean.len();
-    let resid_move_layer =
-        (0..c.n_layers).find(|&l| resid_exact.scores[l * seq + pos.end] >= 0.5);
+    let resid_move_layer = (0..c.n_layers).find(|&l| resid_exact.scores[l * seq + pos.end] >= 0.5);
     let s2_best = (0..c.n_layers)
         .map(|l| (l, resid_exact.scores[l * seq + pos.s2]))
         .max_by(|a, b| a.1.total_cmp(&b.1));
@@ -272,17 +293,58 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     // Plots.
     let head_labels: Vec<String> = (0..c.n_heads).map(|h| format!("H{h}")).collect();
     let layer_labels: Vec<String> = (0..c.n_layers).map(|l| format!("L{l}")).collect();
-    let grid = |g: &[f64], cols: usize| -> Vec<Vec<f64>> {
-        g.chunks(cols).map(|c| c.to_vec()).collect()
-    };
+    let grid =
+        |g: &[f64], cols: usize| -> Vec<Vec<f64>> { g.chunks(cols).map(|c| c.to_vec()).collect() };
     let dla_flat: Vec<f64> = dla.iter().flatten().copied().collect();
     for (file, title, values, cols, col_labels, x) in [
-        ("dla_heads.svg", "Direct effect of each head on logit(IO) − logit(S), mean over prompts", &dla_flat, c.n_heads, &head_labels, "head"),
-        ("path_to_logits.svg", "Path patching to the logits (noising, ABC): normalised score (1 = no effect)", &path.scores, c.n_heads, &head_labels, "head"),
-        ("patch_z_heads.svg", "Activation patching of hook_z (denoising): normalised score", &z_exact.scores, c.n_heads, &head_labels, "head"),
-        ("attribution_z_heads.svg", "Attribution patching of hook_z (denoising): normalised estimate", &z_attr.scores, c.n_heads, &head_labels, "head"),
-        ("patch_resid_pre.svg", "Activation patching of resid_pre (denoising), one template", &resid_exact.scores, seq, &labels, "position (token)"),
-        ("attribution_resid_pre.svg", "Attribution patching of resid_pre (denoising), one template", &resid_attr.scores, seq, &labels, "position (token)"),
+        (
+            "dla_heads.svg",
+            "Direct effect of each head on logit(IO) − logit(S), mean over prompts",
+            &dla_flat,
+            c.n_heads,
+            &head_labels,
+            "head",
+        ),
+        (
+            "path_to_logits.svg",
+            "Path patching to the logits (noising, ABC): normalised score (1 = no effect)",
+            &path.scores,
+            c.n_heads,
+            &head_labels,
+            "head",
+        ),
+        (
+            "patch_z_heads.svg",
+            "Activation patching of hook_z (denoising): normalised score",
+            &z_exact.scores,
+            c.n_heads,
+            &head_labels,
+            "head",
+        ),
+        (
+            "attribution_z_heads.svg",
+            "Attribution patching of hook_z (denoising): normalised estimate",
+            &z_attr.scores,
+            c.n_heads,
+            &head_labels,
+            "head",
+        ),
+        (
+            "patch_resid_pre.svg",
+            "Activation patching of resid_pre (denoising), one template",
+            &resid_exact.scores,
+            seq,
+            &labels,
+            "position (token)",
+        ),
+        (
+            "attribution_resid_pre.svg",
+            "Attribution patching of resid_pre (denoising), one template",
+            &resid_attr.scores,
+            seq,
+            &labels,
+            "position (token)",
+        ),
     ] {
         heatmap(
             &report.path(file),
@@ -337,7 +399,10 @@ pub fn run(args: Args, json: bool) -> Result<()> {
 fn top1_accuracy(model: &Model, tokens: &[TokenPair]) -> Result<f64> {
     let mut hits = 0;
     for (len, members) in pairs::by_length(tokens) {
-        let flat: Vec<u32> = members.iter().flat_map(|&i| tokens[i].clean.clone()).collect();
+        let flat: Vec<u32> = members
+            .iter()
+            .flat_map(|&i| tokens[i].clean.clone())
+            .collect();
         let batch = Tensor::from_vec(flat, (members.len(), len), model.device())?;
         let logits = model.forward(&batch)?;
         let top = logits
@@ -356,11 +421,18 @@ fn top1_accuracy(model: &Model, tokens: &[TokenPair]) -> Result<f64> {
 
 /// Per head, the attention from the last token to the IO, S1 and S2 positions, averaged over
 /// the clean prompts: `[layer][head][3]`.
-fn attention_to_names(model: &Model, gen: &[IoiPair], tokens: &[TokenPair]) -> Result<Vec<Vec<[f64; 3]>>> {
+fn attention_to_names(
+    model: &Model,
+    gen: &[IoiPair],
+    tokens: &[TokenPair],
+) -> Result<Vec<Vec<[f64; 3]>>> {
     let c = model.config();
     let mut out = vec![vec![[0.0; 3]; c.n_heads]; c.n_layers];
     for (len, members) in pairs::by_length(tokens) {
-        let flat: Vec<u32> = members.iter().flat_map(|&i| tokens[i].clean.clone()).collect();
+        let flat: Vec<u32> = members
+            .iter()
+            .flat_map(|&i| tokens[i].clean.clone())
+            .collect();
         let batch = Tensor::from_vec(flat, (members.len(), len), model.device())?;
         let (_, cache) = model.run_with_cache(&batch, |p| {
             matches!(p, HookPoint::Block(_, BlockHook::Pattern))
@@ -386,7 +458,11 @@ fn attention_to_names(model: &Model, gen: &[IoiPair], tokens: &[TokenPair]) -> R
 }
 
 /// `n` IOI pairs sharing the template of the first pair drawn.
-fn one_template(tok: &scalpel_models::tokenizer::Tokenizer, seed: u64, n: usize) -> Result<Vec<IoiPair>> {
+fn one_template(
+    tok: &scalpel_models::tokenizer::Tokenizer,
+    seed: u64,
+    n: usize,
+) -> Result<Vec<IoiPair>> {
     let all = pairs::ioi_with(
         tok,
         &IoiOptions {
@@ -403,7 +479,10 @@ fn one_template(tok: &scalpel_models::tokenizer::Tokenizer, seed: u64, n: usize)
         .take(n)
         .collect();
     if chosen.len() < n {
-        bail!("only {} prompts of one template came out; ask for fewer --position-pairs", chosen.len());
+        bail!(
+            "only {} prompts of one template came out; ask for fewer --position-pairs",
+            chosen.len()
+        );
     }
     Ok(chosen)
 }
@@ -441,9 +520,15 @@ fn readme(s: &Summary, labels: &[String]) -> String {
         100.0 * s.accuracy_io_over_s,
         100.0 * s.top1_accuracy
     );
-    let _ = writeln!(o, "## Heads that write the answer (largest direct effect)\n");
+    let _ = writeln!(
+        o,
+        "## Heads that write the answer (largest direct effect)\n"
+    );
     head_table(&mut o, &s.name_movers);
-    let _ = writeln!(o, "\n## Heads that write against it (most negative direct effect)\n");
+    let _ = writeln!(
+        o,
+        "\n## Heads that write against it (most negative direct effect)\n"
+    );
     head_table(&mut o, &s.negative_heads);
     let _ = writeln!(
         o,
@@ -453,7 +538,10 @@ fn readme(s: &Summary, labels: &[String]) -> String {
          other head keeps its clean output (MLPs recompute); score 1 means no effect. hook_z \
          patching: the head's clean output patched into the ABC run; score 0 means no effect.\n"
     );
-    let _ = writeln!(o, "## Ablation (mean over the ABC prompts, heads ablated together)\n");
+    let _ = writeln!(
+        o,
+        "## Ablation (mean over the ABC prompts, heads ablated together)\n"
+    );
     let _ = writeln!(
         o,
         "| heads | logit diff | ablated | change | share lost |\n|---|---|---|---|---|"

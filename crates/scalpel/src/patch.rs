@@ -57,6 +57,9 @@ pub struct Args {
     pub save_pairs: Option<PathBuf>,
 }
 
+/// Pairs as text and as tokens, and per-position IOI role labels when they share a template.
+pub type LoadedPairs = (Vec<PromptPair>, Vec<TokenPair>, Option<Vec<String>>);
+
 /// Where the prompt pairs come from.
 #[derive(clap::Args, Debug)]
 pub struct PairArgs {
@@ -93,7 +96,7 @@ pub struct PairArgs {
 impl PairArgs {
     /// The pairs as text and tokens, and per-position role labels when every pair shares one
     /// IOI template.
-    pub fn load(&self, tok: &Tokenizer, one_length: bool) -> Result<(Vec<PromptPair>, Vec<TokenPair>, Option<Vec<String>>)> {
+    pub fn load(&self, tok: &Tokenizer, one_length: bool) -> Result<LoadedPairs> {
         let mut roles = None;
         let text: Vec<PromptPair> = if let Some(path) = &self.pairs {
             pairs::read_jsonl(path)?
@@ -102,7 +105,11 @@ impl PairArgs {
             let all = pairs::ioi_with(
                 tok,
                 &pairs::IoiOptions {
-                    n: if template.is_some() || one_length { n * 40 } else { n },
+                    n: if template.is_some() || one_length {
+                        n * 40
+                    } else {
+                        n
+                    },
                     seed: self.seed,
                     corruption: pairs::Corruption::Abc,
                 },
@@ -203,8 +210,8 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         .path_to
         .iter()
         .flatten()
-        .map(|r| Receiver::parse(r))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+        .map(|r| Receiver::parse(r).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
     let sweep_names = match (&args.sweep, receivers.is_empty()) {
         (Some(s), _) => s.clone(),
         (None, true) => ["resid_pre", "attn_out", "mlp_out", "z_head"]
@@ -214,8 +221,8 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     };
     let sweeps = sweep_names
         .iter()
-        .map(|s| Sweep::parse(s))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+        .map(|s| Sweep::parse(s).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
     if sweeps.is_empty() && receivers.is_empty() {
         bail!("--sweep names no sweep");
     }
@@ -233,7 +240,10 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     let setup_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for (len, members) in pairs::by_length(&tokens) {
-        let flat: Vec<u32> = members.iter().flat_map(|&i| tokens[i].clean.clone()).collect();
+        let flat: Vec<u32> = members
+            .iter()
+            .flat_map(|&i| tokens[i].clean.clone())
+            .collect();
         let batch = candle_core::Tensor::from_vec(flat, (members.len(), len), model.device())?;
         model.forward(&batch)?;
     }
@@ -404,7 +414,11 @@ fn plot(dir: &Path, g: &PatchGrid, positions: &[String], n_heads: usize) -> Resu
         "kv_head" => "key/value head",
         _ => "head",
     };
-    let y_label = if g.shape.len() == 3 { "layer, head" } else { "layer" };
+    let y_label = if g.shape.len() == 3 {
+        "layer, head"
+    } else {
+        "layer"
+    };
     let method = if g.method.starts_with("path") {
         "path"
     } else {

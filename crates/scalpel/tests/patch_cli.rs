@@ -113,7 +113,14 @@ fn exact_and_attribution_grids_with_heatmaps() {
 #[test]
 fn path_patching_to_the_logits_and_to_a_head() {
     let v = json(&[
-        "patch", "--ioi", "2", "--path-to", "logits", "--direction", "noise", "--json",
+        "patch",
+        "--ioi",
+        "2",
+        "--path-to",
+        "logits",
+        "--direction",
+        "noise",
+        "--json",
     ]);
     let g = &v["grids"][0];
     assert_eq!(g["method"], "path to logits");
@@ -123,7 +130,14 @@ fn path_patching_to_the_logits_and_to_a_head() {
     let near_one = scores.iter().filter(|s| (*s - 1.0).abs() < 0.05).count();
     assert!(near_one > 200, "{near_one}");
     let v = json(&[
-        "patch", "--ioi", "2", "--path-to", "L23H3.v", "--direction", "noise", "--json",
+        "patch",
+        "--ioi",
+        "2",
+        "--path-to",
+        "L23H3.v",
+        "--direction",
+        "noise",
+        "--json",
     ]);
     let scores = floats(&v["grids"][0]["scores"]);
     // Heads at or above the receiver's layer cannot reach it.
@@ -160,13 +174,28 @@ fn bad_requests_name_the_problem() {
         ],
         &["Mary Jane", "one"],
     );
-    fails_with(&["patch", "--ioi", "2", "--sweep", "resid_post"], &["resid_pre", "z_head_pos"]);
-    fails_with(&["patch", "--ioi", "2", "--path-to", "L40H1.q"], &["layers 0..30"]);
-    fails_with(&["patch", "--ioi", "2", "--metric", "logit(answer"], &["missing `)`"]);
-    fails_with(&["patch", "--ioi", "2", "--direction", "sideways"], &["denoise or noise"]);
+    fails_with(
+        &["patch", "--ioi", "2", "--sweep", "resid_post"],
+        &["resid_pre", "z_head_pos"],
+    );
+    fails_with(
+        &["patch", "--ioi", "2", "--path-to", "L40H1.q"],
+        &["layers 0..30"],
+    );
+    fails_with(
+        &["patch", "--ioi", "2", "--metric", "logit(answer"],
+        &["missing `)`"],
+    );
+    fails_with(
+        &["patch", "--ioi", "2", "--direction", "sideways"],
+        &["denoise or noise"],
+    );
     fails_with(&["patch", "--ioi", "0"], &["0 IOI pairs"]);
     let dir = scratch("patch", "empty");
     let empty = dir.join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
-    fails_with(&["patch", "--pairs", empty.to_str().unwrap()], &["no pairs"]);
+    fails_with(
+        &["patch", "--pairs", empty.to_str().unwrap()],
+        &["no pairs"],
+    );
 }

@@ -69,4 +69,3 @@ impl WeightSource for Gaussian {
         Ok(Tensor::from_vec(data, shape, dev)?)
     }
 }
-
