@@ -10,7 +10,9 @@ What is measured (everything on `--threads` CPU threads):
 
 * the unpatched metrics: logit(answer) - logit(wrong) at the last position, averaged over the
   pairs, for the clean and the corrupt batch;
-* `forward_seconds`: one plain batched forward of all clean prompts under no_grad (median of 3);
+* `forward_seconds`: one plain batched forward of all clean prompts under no_grad (median of 3),
+  and `forward_seconds_run_median`, the median of every plain forward timed in the run (less
+  at the mercy of one burst of foreign load);
 * the exact z_head_pos sweep, denoising, as `patching.get_act_patch_attn_head_out_by_pos` does
   it: every cell (layer l, head h, position p) is one full forward of the corrupt batch (all
   positions' logits computed, as TL's `run_with_hooks` would) with a hook on layer l that
@@ -18,7 +20,10 @@ What is measured (everything on `--threads` CPU threads):
   take hours on a small CPU, so only `--cells` cells drawn uniformly without replacement
   (Python `random.Random(seed)`) are run; the mean time per cell times the number of cells is
   the extrapolated cost of the full sweep. The sampled cells and their patched metrics are
-  reported so the driver can compare them with scalpel's exact grid.
+  reported so the driver can compare them with scalpel's exact grid. The per-cell time is the
+  median over the sampled cells (robust to bursts of load from other processes; mean, min and
+  max are reported too), and each cell is preceded by a timed unpatched forward so that its
+  cost in "forwards" (median of cell / adjacent forward) is measured under matching load.
 * attribution patching in the style of Neel Nanda's attribution-patching notebook: one clean
   forward caching z at every layer, one corrupt forward whose z tensors keep their gradients,
   one backward of the metric; attr[l, h, p] = sum over pairs and d_head of
@@ -28,6 +33,8 @@ What is measured (everything on `--threads` CPU threads):
   so the reference's timing is a fair (if anything generous) one. The reported time is the
   median of 3 runs after one warm-up run and covers clean forward, corrupt forward, backward
   and the final products; the grid holds the estimate itself (not base metric + estimate).
+  As for the cells, each run is preceded by a timed plain forward, and the median of the
+  ratios is reported as `forward_equivalents_load_matched`.
 
 z is TransformerLens's hook_z: the input of o_proj viewed as [batch, pos, n_heads, d_head].
 
@@ -176,12 +183,17 @@ def main():
             return (z.view_as(x),) + tuple(args[1:])
         return fn
 
-    cells, values, cell_seconds = [], [], []
+    cells, values, cell_seconds, plain_seconds = [], [], [], []
     with torch.no_grad():
         run(corrupt)  # warm-up
         for i in flat:
             l, rem = divmod(i, H * P)
             h, p = divmod(rem, P)
+            # an unpatched forward right before each cell, timed, so that the cell's cost can be
+            # expressed in forwards measured under the same (shared-machine) load
+            t = time.perf_counter()
+            run(corrupt)
+            plain_seconds.append(time.perf_counter() - t)
             t = time.perf_counter()
             hd = layers[l].self_attn.o_proj.register_forward_pre_hook(patch_hook(h, p, z_clean[l]))
             try:
@@ -191,7 +203,10 @@ def main():
             cell_seconds.append(time.perf_counter() - t)
             cells.append([l, h, p])
             values.append(v)
-    seconds_per_cell = sum(cell_seconds) / len(cell_seconds)
+    # The median is the estimate: on a shared machine single cells catch bursts of foreign load
+    # that say nothing about the method (the mean, min and max are reported too).
+    seconds_per_cell = statistics.median(cell_seconds)
+    cell_fe = statistics.median(c / f for c, f in zip(cell_seconds, plain_seconds))
 
     # ------------------------------------------------------------------ attribution patching
     def attribution():
@@ -245,9 +260,16 @@ def main():
         return attr, seconds, m.item()
 
     attribution()  # warm-up (autograd first-call overheads)
-    runs = [attribution() for _ in range(3)]
+    runs, attr_plain = [], []
+    for _ in range(3):
+        with torch.no_grad():  # a plain forward just before, for a load-matched ratio
+            t = time.perf_counter()
+            run(clean)
+            attr_plain.append(time.perf_counter() - t)
+        runs.append(attribution())
     attr, _, m_corrupt_grad = runs[-1]
     attr_seconds = statistics.median(r[1] for r in runs)
+    attr_fe = statistics.median(r[1] / f for r, f in zip(runs, attr_plain))
     if abs(m_corrupt_grad - m_corrupt) > 1e-4:
         fail(f"corrupt metric with gradients on differs: {m_corrupt_grad} vs {m_corrupt}")
 
@@ -267,6 +289,10 @@ def main():
         "corrupt": m_corrupt,
         "forward_seconds": forward_seconds,
         "forward_seconds_all": times,
+        # every unpatched batched forward timed in the run (3 above, one before each sampled
+        # cell, one before each attribution run; clean and corrupt prompts have equal length)
+        "forward_seconds_run_median": statistics.median(times + plain_seconds + attr_plain),
+        "forward_seconds_run_count": len(times) + len(plain_seconds) + len(attr_plain),
         "exact": {
             "sweep": "z_head_pos",
             "direction": "denoise",
@@ -277,9 +303,14 @@ def main():
             "sampled_cells": cells,
             "values": values,
             "cell_seconds": cell_seconds,
+            "plain_forward_seconds": plain_seconds,
             "seconds_per_cell": seconds_per_cell,
-            "seconds_per_cell_median": statistics.median(cell_seconds),
+            "seconds_per_cell_mean": sum(cell_seconds) / len(cell_seconds),
+            "seconds_per_cell_min": min(cell_seconds),
+            "seconds_per_cell_max": max(cell_seconds),
             "extrapolated_seconds": seconds_per_cell * n_cells,
+            "forward_equivalents_per_cell": cell_fe,
+            "extrapolated_forward_equivalents": cell_fe * n_cells,
         },
         "attribution": {
             "sweep": "z_head_pos",
@@ -288,7 +319,9 @@ def main():
             "values": attr.flatten().tolist(),
             "seconds": attr_seconds,
             "seconds_all": [r[1] for r in runs],
+            "plain_forward_seconds": attr_plain,
             "forward_equivalents": attr_seconds / forward_seconds,
+            "forward_equivalents_load_matched": attr_fe,
         },
     }))
 

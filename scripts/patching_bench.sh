@@ -58,18 +58,23 @@ fi
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
+load() { cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo "?"; }
+LOAD_S0="$(load)"
 echo "== scalpel patch: $N_PAIRS IOI pairs, z_head_pos, exact + attribution (takes minutes)" >&2
 "$BIN" patch ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --ioi "$N_PAIRS" --sweep z_head_pos --method both --direction denoise \
   --json --save-pairs "$TMP/pairs.jsonl" >"$TMP/scalpel.json" 2>"$TMP/scalpel.log" || {
   tail -20 "$TMP/scalpel.log" >&2; echo "patching_bench.sh: scalpel patch failed" >&2; exit 1; }
 
+LOAD_S1="$(load)"
 echo "== PyTorch reference: $CELLS sampled exact cells + attribution, $THREADS threads" >&2
 "$PY" "$REPO/scripts/patching_bench.py" "$TMP/pairs.jsonl" --gguf "$GGUF" --cells "$CELLS" \
   --threads "$THREADS" --seed "$SEED" >"$TMP/reference.json" 2>"$TMP/reference.log" || {
   tail -20 "$TMP/reference.log" >&2; echo "patching_bench.sh: reference failed" >&2; exit 1; }
 
+LOAD_R1="$(load)"
+printf '{"scalpel": ["%s", "%s"], "reference": ["%s", "%s"]}\n' "$LOAD_S0" "$LOAD_S1" "$LOAD_S1" "$LOAD_R1" >"$TMP/loadavg.json"
 mkdir -p "$OUT"
-cp "$TMP/scalpel.json" "$TMP/pairs.jsonl" "$TMP/reference.json" "$TMP/scalpel.log" "$TMP/reference.log" "$OUT/"
+cp "$TMP/scalpel.json" "$TMP/pairs.jsonl" "$TMP/reference.json" "$TMP/scalpel.log" "$TMP/reference.log" "$TMP/loadavg.json" "$OUT/"
 
 "$PY" - "$OUT" <<'EOF'
 """Compare scalpel's z_head_pos grids with the PyTorch reference and print the table."""
@@ -81,6 +86,7 @@ import sys
 out = sys.argv[1]
 s = json.load(open(os.path.join(out, "scalpel.json")))
 r = json.load(open(os.path.join(out, "reference.json")))
+load = json.load(open(os.path.join(out, "loadavg.json")))
 
 # Tolerances (absolute, in logit-difference units; the metrics here are O(1..10)). Both sides
 # run the same de-quantised f32 weights and differ only by f32 rounding through 30 layers,
@@ -150,7 +156,9 @@ ref_sweep = rex["extrapolated_seconds"]
 s_fwd, r_fwd = s["forward_seconds"], r["forward_seconds"]
 s_attr_s, r_attr_s = at["seconds"], r["attribution"]["seconds"]
 s_fe = (s_attr_s + s["setup_seconds"]) / s_fwd
-r_fe = r_attr_s / r_fwd
+r_fe = r["attribution"]["forward_equivalents_load_matched"]
+s_sweep_fe = ex["seconds"] / s_fwd
+r_sweep_fe = rex["extrapolated_forward_equivalents"]
 
 def f(x, d=2):
     return f"{x:.{d}f}"
@@ -161,13 +169,20 @@ rows = [
     ("cells (layers x heads x positions)", f"{cells} ({L}x{H}x{P})", f"{cells}; {rex['cells_sampled']} timed"),
     ("unpatched metric clean / corrupt", f"{s['clean']:.4f} / {s['corrupt']:.4f}", f"{r['clean']:.4f} / {r['corrupt']:.4f}"),
     ("exact z_head_pos sweep, s", f"{f(ex['seconds'], 1)} ({ex['runs']} runs)",
-     f"{f(ref_sweep, 1)} (extrapolated: {f(rex['seconds_per_cell'], 3)} s/cell x {cells})"),
-    ("exact sweep speed ratio (reference / scalpel)", f"**{f(ref_sweep / ex['seconds'], 1)}x**", ""),
-    ("plain forward of the clean batch, s", f(s_fwd, 3), f(r_fwd, 3) + " (median of 3)"),
+     f"{f(ref_sweep, 1)} (extrapolated: median {f(rex['seconds_per_cell'], 3)} s/cell x {cells}; "
+     f"cells ranged {f(rex['seconds_per_cell_min'], 2)}..{f(rex['seconds_per_cell_max'], 2)} s)"),
+    ("exact sweep wall-clock ratio (reference / scalpel)", f"**{f(ref_sweep / ex['seconds'], 1)}x**", ""),
+    ("exact sweep, forward-equivalents", f(s_sweep_fe, 0), f"{f(r_sweep_fe, 0)} "
+     f"({f(rex['forward_equivalents_per_cell'], 2)} per cell, load-matched)"),
+    ("exact sweep work ratio (reference / scalpel forward-equivalents)", f"**{f(r_sweep_fe / s_sweep_fe, 1)}x**", ""),
+    ("plain forward of the clean batch, s", f(s_fwd, 3),
+     f"{f(r['forward_seconds_run_median'], 3)} (median of all {r['forward_seconds_run_count']} timed "
+     f"in the run; of the first 3: {f(r_fwd, 3)})"),
     ("setup (clean + corrupt cached forwards), s", f(s["setup_seconds"], 2), "(inside attribution)"),
-    ("attribution patching, s", f(s_attr_s, 2), f(r_attr_s, 2) + " (clean fwd + corrupt fwd + backward)"),
-    ("attribution, forward-equivalents", f(s_fe, 1), f(r_fe, 1)),
-    ("exact sweep, forward-equivalents", f(ex["seconds"] / s_fwd, 0), f(ref_sweep / r_fwd, 0)),
+    ("attribution patching, s", f(s_attr_s, 2), f(r_attr_s, 2) + " (clean fwd + corrupt fwd + backward, median of 3)"),
+    ("attribution, forward-equivalents", f(s_fe, 1), f(r_fe, 1) + " (load-matched)"),
+    ("1-min load average before / after (2 cores)", f"{load['scalpel'][0]} / {load['scalpel'][1]}",
+     f"{load['reference'][0]} / {load['reference'][1]}"),
     ("scalpel exact vs attribution correlation", f(ex.get("correlation_with_exact", float("nan")), 4), ""),
 ]
 checks = [
@@ -189,11 +204,16 @@ md = [
     "|---|---|---|",
     *[f"| {a} | {b} | {c} |" for a, b, c in checks],
     "",
-    "Forward-equivalents: scalpel = (attribution seconds + setup_seconds) / forward_seconds "
-    "(setup = the cached clean and corrupt forwards); reference = attribution wall time "
-    "(clean forward + corrupt forward + backward) / its plain forward time. Exact-sweep "
-    "forward-equivalents = sweep seconds / plain forward seconds. The reference's exact sweep "
-    "is extrapolated from the sampled cells (one full forward of the corrupt batch each).",
+    "Forward-equivalents (cost in units of one plain batched forward of the clean prompts): "
+    "scalpel attribution = (attribution seconds + setup_seconds) / forward_seconds (setup = the "
+    "cached clean and corrupt forwards); reference attribution = wall time of clean forward + "
+    "corrupt forward + backward / a plain forward timed just before it (median of 3 such ratios). "
+    "Exact sweep: scalpel = sweep seconds / forward_seconds; reference = cells x median over the "
+    "sampled cells of (patched forward / plain forward timed just before it). The reference's "
+    "exact sweep time is extrapolated from the sampled cells (one full forward of the corrupt "
+    "batch each, as TransformerLens does it). The machine is shared, so wall-clock figures move "
+    "with foreign load (see the load averages); the forward-equivalent ratios are the steadier "
+    "comparison of the methods, the wall-clock ratio also includes each side's forward speed.",
 ]
 text = "\n".join(md)
 print(text)
@@ -207,6 +227,10 @@ summary = {
     "scalpel_forward_seconds": s_fwd, "scalpel_forward_equivalents": s_fe,
     "reference_attribution_seconds": r_attr_s, "reference_forward_seconds": r_fwd,
     "reference_forward_equivalents": r_fe,
+    "scalpel_exact_forward_equivalents": s_sweep_fe,
+    "reference_exact_forward_equivalents": r_sweep_fe,
+    "work_ratio": r_sweep_fe / s_sweep_fe,
+    "loadavg": load,
     "attribution_correlation": corr, "max_abs_diff_exact": max_d_exact,
     "max_abs_diff_attribution": max_d_attr, "max_abs_diff_metrics": max(d_clean, d_corrupt),
     "tolerances": {"metric": TOL_METRIC, "exact": TOL_EXACT, "attribution": TOL_ATTR, "min_corr": MIN_CORR},

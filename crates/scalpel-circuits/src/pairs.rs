@@ -55,37 +55,48 @@ const LINE_SHAPE: &str =
 /// Reads a JSONL file of pairs, one JSON object per line; blank lines are skipped. Errors name
 /// the file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<PromptPair>> {
+    read_lines(path, LINE_SHAPE, "pairs")
+}
+
+/// Reads a JSONL file of `T`, one object per line, blank lines skipped. A line that does not
+/// parse is named with its file, line and column, followed by `shape` (what a line should look
+/// like); a file with no objects is an error naming `what` it should hold.
+pub fn read_lines<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    shape: &str,
+    what: &str,
+) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CircuitError::Input(format!("reading {}: {e}", path.display())))?;
-    let mut pairs = Vec::new();
+    let mut items = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let pair = serde_json::from_str(line).map_err(|e| {
+        let item = serde_json::from_str(line).map_err(|e| {
             // serde_json counts lines inside the one line it saw; keep the column only.
             let msg = e.to_string();
             let msg = msg.split(" at line ").next().unwrap_or(&msg);
-            let what = match e.classify() {
+            let problem = match e.classify() {
                 serde_json::error::Category::Data => msg.to_string(),
                 _ => format!("not JSON ({msg})"),
             };
             CircuitError::Input(format!(
-                "{} line {}, column {}: {what}; {LINE_SHAPE}",
+                "{} line {}, column {}: {problem}; {shape}",
                 path.display(),
                 i + 1,
                 e.column()
             ))
         })?;
-        pairs.push(pair);
+        items.push(item);
     }
-    if pairs.is_empty() {
+    if items.is_empty() {
         return Err(CircuitError::Input(format!(
-            "{} holds no pairs; {LINE_SHAPE}",
+            "{} holds no {what}; {shape}",
             path.display()
         )));
     }
-    Ok(pairs)
+    Ok(items)
 }
 
 /// Writes `pairs` as JSONL to `w`, one object per line.

@@ -443,29 +443,11 @@ pub struct ContrastPair {
 /// Reads `{"positive": "...", "negative": "..."}` lines (blank lines skipped). An empty file is
 /// an error; errors name the file and line.
 pub fn read_contrast_pairs(path: &Path) -> Result<Vec<ContrastPair>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CircuitError::Input(format!("reading {}: {e}", path.display())))?;
-    let mut pairs = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let pair: ContrastPair = serde_json::from_str(line).map_err(|e| {
-            CircuitError::Input(format!(
-                "{} line {}: {e} (each line is {{\"positive\": \"...\", \"negative\": \"...\"}})",
-                path.display(),
-                i + 1
-            ))
-        })?;
-        pairs.push(pair);
-    }
-    if pairs.is_empty() {
-        return Err(CircuitError::Input(format!(
-            "{} has no contrastive pairs",
-            path.display()
-        )));
-    }
-    Ok(pairs)
+    crate::pairs::read_lines(
+        path,
+        r#"each line is {"positive": "...", "negative": "..."}"#,
+        "contrastive pairs",
+    )
 }
 
 /// The mean over `pairs` (token ids of a positive and a negative text) of the residual at `hook`

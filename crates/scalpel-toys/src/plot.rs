@@ -692,11 +692,22 @@ pub fn heatmap(path: &Path, h: &Heatmap) -> Result<()> {
                 .map(String::as_str),
         );
         let y_area = (row_chars as u32 * 8 + 40).clamp(50, 220);
-        let x_area = 55;
         let (mw, _) = main.dim_in_pixel();
         let plot_w = (mw as f64 - y_area as f64 - 20.0).max(50.0);
+        // Column labels too long to sit side by side (tokens of a prompt) are turned upright,
+        // so that every column keeps its label.
+        let upright = ncols <= 60 && ncols as f64 * (col_chars as f64 * 8.0 + 10.0) > plot_w;
+        let x_area = if upright {
+            (col_chars as u32 * 8 + 60).clamp(55, 220)
+        } else {
+            55
+        };
         let plot_h = (hgt as f64 - x_area as f64 - 20.0).max(50.0);
-        let x_hint = label_hint(ncols, plot_w, col_chars as f64 * 8.0 + 10.0);
+        let x_hint = if upright {
+            label_hint(ncols, plot_w, 16.0)
+        } else {
+            label_hint(ncols, plot_w, col_chars as f64 * 8.0 + 10.0)
+        };
         let y_hint = label_hint(nrows, plot_h, 18.0);
 
         let mut chart = ChartBuilder::on(&main)
@@ -707,6 +718,7 @@ pub fn heatmap(path: &Path, h: &Heatmap) -> Result<()> {
         // Row r sits at y = -r, so row 0 is on top and round ticks fall on round row numbers.
         let fx = |v: &f64| {
             tick_index(*v, ncols)
+                .filter(|_| !upright)
                 .map(|c| cell_label(col_labels, c))
                 .unwrap_or_default()
         };
@@ -737,6 +749,16 @@ pub fn heatmap(path: &Path, h: &Heatmap) -> Result<()> {
                 )
             })
         }))?;
+        if upright {
+            // Every column's label, turned upright, starting just below the axis.
+            let style = TextStyle::from((FONT, 13).into_font())
+                .transform(FontTransform::Rotate90)
+                .pos(Pos::new(HPos::Left, VPos::Center));
+            for c in 0..ncols {
+                let (px, py) = chart.backend_coord(&(c as f64, 0.5 - nrows as f64));
+                main.draw(&Text::new(cell_label(col_labels, c), (px, py + 8), style.clone()))?;
+            }
+        }
 
         // Colour bar, with its tick labels on the right.
         let mut scale = ChartBuilder::on(&bar)

@@ -12,7 +12,7 @@ use scalpel_circuits::ablate::{
     ablate, rank, Change, Data, Effect, LatentSae, Method, Reference, Source, Target,
 };
 use scalpel_circuits::metric::Metric;
-use scalpel_circuits::pairs;
+use scalpel_circuits::pairs::{self, TokenPair};
 use scalpel_dict::saelens;
 use scalpel_models::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -96,7 +96,8 @@ pub struct Args {
     /// How ablated components are replaced.
     #[arg(long, value_enum, default_value = "mean")]
     pub method: MethodArg,
-    /// The reference set of `--method mean`: `clean` (the pairs' clean prompts), `text` (the
+    /// The reference set of `--method mean`: `clean` (the pairs' clean prompts), `corrupt` (their
+    /// corrupt prompts, e.g. IOI's ABC distribution, as Wang et al. mean-ablate), `text` (the
     /// held-out text) or a text file, cut into `--context-size` windows.
     #[arg(long, value_name = "SET", default_value = "clean")]
     pub mean_over: String,
@@ -202,7 +203,7 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     if token_pairs.is_none() && text.is_none() {
         bail!("nothing to measure: give --pairs or --ioi, or leave out --no-loss");
     }
-    let (method, from) = method(&args, tok, text.as_deref())?;
+    let (method, from) = method(&args, tok, text.as_deref(), token_pairs.as_deref())?;
     let data = Data {
         pairs: token_pairs.as_deref().map(|p| (p, &metric)),
         text: text.as_deref(),
@@ -259,6 +260,7 @@ fn method(
     args: &Args,
     tok: &Tokenizer,
     text: Option<&[Vec<u32>]>,
+    token_pairs: Option<&[TokenPair]>,
 ) -> Result<(Method, Option<String>)> {
     Ok(match args.method {
         MethodArg::Zero => (Method::Zero, None),
@@ -270,6 +272,13 @@ fn method(
                     }
                     (Reference::CleanPrompts, "the clean prompts".to_string())
                 }
+                "corrupt" => match token_pairs {
+                    Some(p) => (
+                        Reference::Sequences(p.iter().map(|p| p.corrupt.clone()).collect()),
+                        "the corrupt prompts".into(),
+                    ),
+                    None => bail!("--mean-over corrupt needs prompt pairs (--pairs or --ioi)"),
+                },
                 "text" => match text {
                     Some(t) => (Reference::Sequences(t.to_vec()), "the held-out text".into()),
                     None => bail!("--mean-over text needs the held-out text (drop --no-loss)"),
