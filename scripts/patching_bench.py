@@ -18,7 +18,7 @@ What is measured (everything on `--threads` CPU threads):
   positions' logits computed, as TL's `run_with_hooks` would) with a hook on layer l that
   overwrites z[:, p, h, :] by the clean run's value. The whole grid (30 x 9 x P forwards) would
   take hours on a small CPU, so only `--cells` cells drawn uniformly without replacement
-  (Python `random.Random(seed)`) are run; the mean time per cell times the number of cells is
+  (Python `random.Random(seed)`) are run; the time per cell times the number of cells is
   the extrapolated cost of the full sweep. The sampled cells and their patched metrics are
   reported so the driver can compare them with scalpel's exact grid. The per-cell time is the
   median over the sampled cells (robust to bursts of load from other processes; mean, min and
@@ -27,10 +27,10 @@ What is measured (everything on `--threads` CPU threads):
 * attribution patching in the style of Neel Nanda's attribution-patching notebook: one clean
   forward caching z at every layer, one corrupt forward whose z tensors keep their gradients,
   one backward of the metric; attr[l, h, p] = sum over pairs and d_head of
-  (z_clean - z_corrupt) * dM/dz_corrupt. The notebook also backpropagates through the clean
-  run and into the weights; here the weights are frozen (requires_grad False) and the
-  gradient enters at the embedding output, which is the cheapest way to get the same numbers,
-  so the reference's timing is a fair (if anything generous) one. The reported time is the
+  (z_clean - z_corrupt) * dM/dz_corrupt. The notebook's helper runs a forward and backward
+  on both batches with the weights left trainable; here the clean run is forward-only, the
+  weights are frozen (requires_grad False) and the gradient enters at the embedding output,
+  the cheapest way to get the same numbers, so the reference's timing is if anything generous. The reported time is the
   median of 3 runs after one warm-up run and covers clean forward, corrupt forward, backward
   and the final products; the grid holds the estimate itself (not base metric + estimate).
   As for the cells, each run is preceded by a timed plain forward, and the median of the

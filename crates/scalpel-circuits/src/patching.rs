@@ -851,11 +851,18 @@ impl<'m> Patcher<'m> {
                     hooks = hooks.with_grad(HookPoint::Block(l, s.hook()));
                 }
             }
-            let logits = model.run_with_hooks(&base.tokens, &mut hooks)?;
-            let last = logits.narrow(1, g.seq - 1, 1)?.squeeze(1)?;
+            // The final residual; only its last position is unembedded, and only the
+            // unembedding rows the metric reads when it needs no softmax.
+            let opts = RunOptions {
+                stop_at_layer: Some(c.n_layers),
+                differentiable: true,
+            };
+            let resid = model.forward_with(&base.tokens, None, &mut hooks, opts)?;
+            let last = resid.narrow(1, g.seq - 1, 1)?.squeeze(1)?;
             // The mean over all pairs, so the estimates add up across groups.
-            let m =
-                (self.metric.eval(&last, &g.answer, &g.wrong)?.sum_all()? / self.n_pairs as f64)?;
+            let m = (last_metric_tensor(model, &self.metric, &last, &g.answer, &g.wrong)?
+                .sum_all()?
+                / self.n_pairs as f64)?;
             let grads = hooks.gradients(&m.backward()?)?;
             for (k, &s) in sweeps.iter().enumerate() {
                 for l in 0..c.n_layers {
@@ -1113,6 +1120,18 @@ fn last_metric(
     answer: &[u32],
     wrong: &[u32],
 ) -> Result<Vec<f64>> {
+    let m = last_metric_tensor(model, metric, last, answer, wrong)?;
+    Ok(m.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// [`last_metric`] as a tensor `[n]`, differentiable with respect to `last`.
+fn last_metric_tensor(
+    model: &Model,
+    metric: &Metric,
+    last: &Tensor,
+    answer: &[u32],
+    wrong: &[u32],
+) -> Result<Tensor> {
     let normed = model.final_norm(last)?;
     let m = if metric.needs_softmax() {
         let logits = normed.matmul(&model.w_u_rows().t()?)?;
@@ -1140,7 +1159,7 @@ fn last_metric(
             .remapped(&index)
             .eval(&logits, &remap(answer), &remap(wrong))?
     };
-    Ok(m.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    Ok(m)
 }
 
 /// One batched patched run: a start (block, position) and the variants run from it.

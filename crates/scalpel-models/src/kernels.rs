@@ -227,3 +227,55 @@ impl CustomOp1 for CausalAttention<'_> {
         Ok((CpuStorage::F32(z), Shape::from((b, p, h, dh))))
     }
 }
+
+/// `x · wᵀ` for a frozen weight `w [n, k]` and an input `x [m, k]` that carries gradients: the
+/// backward pass returns only d/dx (`grad · w`). Candle's own matmul also computes the weight's
+/// gradient, which doubles the backward cost of taking gradients with respect to activations.
+pub(crate) struct FrozenLinear {
+    pub w: candle_core::Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(storage, layout, "frozen-linear")?;
+        let (m, k) = layout.shape().dims2()?;
+        let (n, kw) = self.w.dims2()?;
+        if k != kw {
+            candle_core::bail!("frozen-linear: input width {k}, weight width {kw}");
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(wc) = &*ws else {
+            candle_core::bail!("frozen-linear: the weight is not on the CPU");
+        };
+        let w = f32_contiguous(wc, wl, "frozen-linear")?;
+        let mut y = vec![0f32; m * n];
+        // y[i, j] = Σ x[i, kk] w[j, kk]: lhs rows k apart, rhs (wᵀ) columns k apart.
+        scalpel_core::gemm::matmul(
+            m,
+            n,
+            k,
+            &mut y,
+            false,
+            (x, 1, k as isize),
+            (w, k as isize, 1),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad_res: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w)?))
+    }
+}

@@ -66,12 +66,30 @@ impl Linear {
     /// # Shapes
     /// `x: [n, in]` → `[n, out]`
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = frozen_matmul(x, &self.w)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// `x [m, k] · wᵀ` for `w [n, k]`. When `x` carries gradients and `w` does not (gradients
+/// with respect to activations of a frozen model), the backward pass skips the weight's
+/// gradient.
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let frozen = x.track_op()
+        && !w.track_op()
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && w.is_contiguous();
+    Ok(if frozen {
+        x.contiguous()?
+            .apply_op1(crate::kernels::FrozenLinear { w: w.clone() })?
+    } else {
+        x.matmul(&w.t()?)?
+    })
 }
 
 /// Normaliser weights.
@@ -803,9 +821,7 @@ impl Model {
             )?;
         }
         let x = hooks.apply(HookPoint::UnembedIn, x)?;
-        let logits = x
-            .reshape((b * p, c.d_model))?
-            .matmul(&self.w_u.t()?)?
+        let logits = frozen_matmul(&x.reshape((b * p, c.d_model))?, &self.w_u)?
             .reshape((b, p, c.d_vocab))?;
         Ok(hooks.apply(HookPoint::UnembedOut, logits)?)
     }

@@ -756,7 +756,11 @@ pub fn heatmap(path: &Path, h: &Heatmap) -> Result<()> {
                 .pos(Pos::new(HPos::Left, VPos::Center));
             for c in 0..ncols {
                 let (px, py) = chart.backend_coord(&(c as f64, 0.5 - nrows as f64));
-                main.draw(&Text::new(cell_label(col_labels, c), (px, py + 8), style.clone()))?;
+                main.draw(&Text::new(
+                    cell_label(col_labels, c),
+                    (px, py + 8),
+                    style.clone(),
+                ))?;
             }
         }
 
