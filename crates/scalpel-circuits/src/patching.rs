@@ -269,6 +269,16 @@ struct Group {
     corrupt: Run,
 }
 
+impl Group {
+    /// The run that is patched and the run the patches come from.
+    fn runs(&self, direction: Direction) -> (&Run, &Run) {
+        match direction {
+            Direction::Denoise => (&self.corrupt, &self.clean),
+            Direction::Noise => (&self.clean, &self.corrupt),
+        }
+    }
+}
+
 /// A set of prompt pairs ready for patching: both runs done and cached.
 pub struct Patcher<'m> {
     model: &'m Model,
@@ -478,10 +488,7 @@ impl<'m> Patcher<'m> {
         let total = self.planned_runs(sweep);
         let mut done = 0;
         for g in &self.groups {
-            let (base, source) = match direction {
-                Direction::Denoise => (&g.corrupt, &g.clean),
-                Direction::Noise => (&g.clean, &g.corrupt),
-            };
+            let (base, source) = g.runs(direction);
             let base_sum: f64 = base.metric.iter().sum();
             // Cells no job covers are known to equal the base run.
             let mut filled = vec![base_sum; cells];
@@ -595,10 +602,7 @@ impl<'m> Patcher<'m> {
         }
         let mut total = 0.0;
         for g in &self.groups {
-            let (base, source) = match direction {
-                Direction::Denoise => (&g.corrupt, &g.clean),
-                Direction::Noise => (&g.clean, &g.corrupt),
-            };
+            let (base, source) = g.runs(direction);
             let (_, src) = self
                 .model
                 .run_with_cache(&source.tokens, |hp| patches.iter().any(|p| p.point == hp))?;
@@ -680,10 +684,7 @@ impl<'m> Patcher<'m> {
         let total = self.groups.len() * top;
         let mut done = 0;
         for g in &self.groups {
-            let (base, source) = match direction {
-                Direction::Denoise => (&g.corrupt, &g.clean),
-                Direction::Noise => (&g.clean, &g.corrupt),
-            };
+            let (base, source) = g.runs(direction);
             let base_sum: f64 = base.metric.iter().sum();
             let mut filled = vec![base_sum; c.n_layers * nh];
             for l in 0..top {
@@ -840,10 +841,7 @@ impl<'m> Patcher<'m> {
             .collect();
         let mut base_total = 0.0;
         for g in &self.groups {
-            let (base, source) = match direction {
-                Direction::Denoise => (&g.corrupt, &g.clean),
-                Direction::Noise => (&g.clean, &g.corrupt),
-            };
+            let (base, source) = g.runs(direction);
             base_total += base.metric.iter().sum::<f64>();
             let mut hooks = Hooks::new();
             for l in 0..c.n_layers {
