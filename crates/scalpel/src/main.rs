@@ -5,6 +5,7 @@
 mod ablate;
 mod bench;
 mod convert;
+mod dashboards;
 mod diagnose;
 mod dla;
 mod eval;
@@ -22,6 +23,7 @@ mod patch;
 mod progress;
 mod prompt;
 mod run;
+mod serve;
 mod steer;
 mod store;
 mod toy;
@@ -99,6 +101,12 @@ enum Command {
     /// The indirect-object-identification case study: performance, patching, the heads that
     /// carry the answer, ablation, attribution against exact patching; a report folder.
     Ioi(ioi::Args),
+    /// Feature dashboards for every latent of a dictionary, in one streaming pass over an
+    /// activation store or a corpus, kept in a SQLite database (resumable).
+    Dashboards(dashboards::Args),
+    /// The web app and its JSON API (and Neuronpedia's inference protocol), offline, on
+    /// 127.0.0.1 by default.
+    Serve(serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -127,6 +135,8 @@ fn main() -> ExitCode {
         Command::Ablate(args) => ablate::run(args, json),
         Command::Steer(args) => steer::run(args, json),
         Command::Ioi(args) => ioi::run(args, json),
+        Command::Dashboards(args) => dashboards::run(args, json),
+        Command::Serve(args) => serve::run(args, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,1 @@
+//! The streaming pass that computes dashboards.

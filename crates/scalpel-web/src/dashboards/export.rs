@@ -1,0 +1,1 @@
+//! Exports: Neuronpedia-compatible JSON and a static HTML page per latent.
