@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use scalpel_circuits::metric::Metric;
 use scalpel_circuits::pairs::TokenPair;
-use scalpel_circuits::patching::{Direction, Patch, Patcher, Sweep};
+use scalpel_circuits::patching::{attribute, Direction, Patch, Patcher, Sweep};
 use scalpel_core::{BlockHook, HookPoint};
 use scalpel_models::transformer::Model;
 
@@ -98,6 +98,23 @@ fn every_sweep_matches_pytorch_hooks_on_transformers() {
                 Direction::Noise => p.clean_metric(),
             };
             let attr = p.attribution(&Sweep::ALL, dir).unwrap();
+            // The lean attribution pass (no exact-patching caches) gives the same grids and
+            // the same unpatched metrics.
+            let lean =
+                attribute(&f.model, &f.pairs, &Metric::logit_diff(), &Sweep::ALL, dir).unwrap();
+            assert_close(
+                &format!("{name} lean clean/corrupt"),
+                &[lean.clean, lean.corrupt],
+                &[p.clean_metric(), p.corrupt_metric()],
+                1e-5,
+                0.0,
+            );
+            for (a, b) in attr.iter().zip(&lean.grids) {
+                assert_eq!((a.sweep, &a.shape), (b.sweep, &b.shape));
+                let key = format!("{name} lean {}", a.sweep.name());
+                assert_close(&key, &b.values, &a.values, 1e-5, 0.0);
+                assert_close(&key, &b.scores, &a.scores, 1e-4, 0.0);
+            }
             for (sweep, a) in Sweep::ALL.into_iter().zip(&attr) {
                 let key = format!("{}.{}", dir.name(), sweep.name());
                 let g = p.exact(sweep, dir, |_, _| {}).unwrap();

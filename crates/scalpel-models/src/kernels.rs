@@ -53,6 +53,60 @@ impl CustomOp1 for SwiGlu {
             });
         Ok((CpuStorage::F32(out), Shape::from((n, m))))
     }
+
+    fn bwd(
+        &self,
+        arg: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad_res: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let x = arg.contiguous()?;
+        let g = grad_res.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(&g, &SwiGluBackward)?))
+    }
+}
+
+/// d/d(gate, up) of [`SwiGlu`]: with `σ = sigmoid(gate)`, `d gate = g·up·σ·(1 + gate·(1 − σ))`
+/// and `d up = g·gate·σ`.
+struct SwiGluBackward;
+
+impl candle_core::CustomOp2 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(xs, xl, "swiglu-backward")?;
+        let g = f32_contiguous(gs, gl, "swiglu-backward")?;
+        let (n, two_m) = xl.shape().dims2()?;
+        let m = two_m / 2;
+        if g.len() != n * m {
+            candle_core::bail!(
+                "swiglu-backward: gradient of {} values for [{n}, {m}]",
+                g.len()
+            );
+        }
+        let mut dx = vec![0f32; n * two_m];
+        dx.par_chunks_mut(two_m)
+            .zip(x.par_chunks(two_m).zip(g.par_chunks(m)))
+            .for_each(|(dx, (x, g))| {
+                let (gate, up) = x.split_at(m);
+                let (dgate, dup) = dx.split_at_mut(m);
+                for j in 0..m {
+                    let a = gate[j];
+                    let sig = 1.0 / (1.0 + (-a).exp());
+                    dgate[j] = g[j] * up[j] * sig * (1.0 + a * (1.0 - sig));
+                    dup[j] = g[j] * a * sig;
+                }
+            });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
 }
 
 /// Causal self-attention for the inference fast path, straight from the fused q/k/v projection:
@@ -277,5 +331,398 @@ impl CustomOp1 for FrozenLinear {
         grad_res: &candle_core::Tensor,
     ) -> candle_core::Result<Option<candle_core::Tensor>> {
         Ok(Some(grad_res.matmul(&self.w)?))
+    }
+}
+
+/// The data of a CPU f32 tensor made contiguous (a copy only when it is not).
+fn f32_vec(t: &candle_core::Tensor, op: &str) -> candle_core::Result<Vec<f32>> {
+    if t.dtype() != candle_core::DType::F32 {
+        candle_core::bail!("{op}: only f32 is supported");
+    }
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// RMS normalisation with a weight, `y = x / sqrt(mean(x²) + eps) · w` over the last axis, for
+/// the differentiable path: one pass forward, and a backward pass (to `x` only; the weight is
+/// frozen) of one pass too, instead of six element-wise ops and their gradients.
+pub(crate) struct RmsNormGrad {
+    pub w: candle_core::Tensor,
+    pub eps: f32,
+}
+
+impl CustomOp1 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(storage, layout, "rms-norm")?;
+        let d = layout.shape().dims().last().copied().unwrap_or(0);
+        let w = f32_vec(&self.w, "rms-norm")?;
+        if d == 0 || w.len() != d {
+            candle_core::bail!("rms-norm: width {d}, weight of {}", w.len());
+        }
+        let eps = self.eps;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(&w) {
+                *y = x * r * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad_res: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let x = arg.contiguous()?;
+        let g = grad_res.contiguous()?;
+        let back = RmsNormBackward {
+            w: f32_vec(&self.w, "rms-norm")?,
+            eps: self.eps,
+        };
+        Ok(Some(x.apply_op2_no_bwd(&g, &back)?))
+    }
+}
+
+/// d/dx of [`RmsNormGrad`]: with `r = 1/sqrt(mean(x²) + eps)` and `u = g·w`,
+/// `dx = r·u − x·r³·mean(u·x)`.
+struct RmsNormBackward {
+    w: Vec<f32>,
+    eps: f32,
+}
+
+impl candle_core::CustomOp2 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(xs, xl, "rms-norm-backward")?;
+        let g = f32_contiguous(gs, gl, "rms-norm-backward")?;
+        let d = self.w.len();
+        if x.len() != g.len() || d == 0 || x.len() % d != 0 {
+            candle_core::bail!("rms-norm-backward: shapes do not match");
+        }
+        let (w, eps) = (&self.w, self.eps);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(dx, (x, g))| {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let r = 1.0 / (ms + eps).sqrt();
+                let ux: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| x * g * w).sum();
+                let c = r * r * r * ux / d as f32;
+                for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                    *dx = r * g * w - x * c;
+                }
+            });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+/// Softmax over the last axis (rows may hold `-inf`, which get probability 0), with a
+/// one-pass backward `dx = y·(g − Σ g·y)`.
+pub(crate) struct SoftmaxGrad;
+
+impl CustomOp1 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(storage, layout, "softmax")?;
+        let d = layout.shape().dims().last().copied().unwrap_or(0);
+        if d == 0 {
+            candle_core::bail!("softmax: empty last axis");
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - max).exp();
+                sum += *y;
+            }
+            for y in y.iter_mut() {
+                *y /= sum;
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &candle_core::Tensor,
+        res: &candle_core::Tensor,
+        grad_res: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let y = res.contiguous()?;
+        let g = grad_res.contiguous()?;
+        Ok(Some(y.apply_op2_no_bwd(&g, &SoftmaxBackward)?))
+    }
+}
+
+struct SoftmaxBackward;
+
+impl candle_core::CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = f32_contiguous(ys, yl, "softmax-backward")?;
+        let g = f32_contiguous(gs, gl, "softmax-backward")?;
+        let d = yl.shape().dims().last().copied().unwrap_or(0);
+        if y.len() != g.len() || d == 0 {
+            candle_core::bail!("softmax-backward: shapes do not match");
+        }
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(dx, (y, g))| {
+                let s: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                    *dx = y * (g - s);
+                }
+            });
+        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
+/// Rotary embedding in the half-split layout, `[x1, x2] → [x1 cos − x2 sin, x2 cos + x1 sin]`,
+/// for `x [b, heads, p, dh]` and tables `[b, p, dh/2]`. The rotation is orthogonal, so its
+/// backward pass is the same op with `sin` negated.
+pub(crate) struct RopeGrad {
+    pub cos: std::sync::Arc<Vec<f32>>,
+    pub sin: std::sync::Arc<Vec<f32>>,
+    /// Rotate by minus the angle (the backward pass).
+    pub inverse: bool,
+}
+
+impl CustomOp1 for RopeGrad {
+    fn name(&self) -> &'static str {
+        "rope-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_contiguous(storage, layout, "rope")?;
+        let (b, h, p, dh) = layout.shape().dims4()?;
+        let half = dh / 2;
+        if dh % 2 != 0 || self.cos.len() != b * p * half || self.sin.len() != b * p * half {
+            candle_core::bail!("rope: tables do not match x of shape [{b}, {h}, {p}, {dh}]");
+        }
+        let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        let (cos, sin) = (&self.cos, &self.sin);
+        let mut y = vec![0f32; x.len()];
+        // One chunk per (batch row, head): p rows of dh.
+        y.par_chunks_mut(p * dh)
+            .zip(x.par_chunks(p * dh))
+            .enumerate()
+            .for_each(|(bh, (y, x))| {
+                let bi = bh / h;
+                for i in 0..p {
+                    let t = (bi * p + i) * half;
+                    let (xr, yr) = (&x[i * dh..(i + 1) * dh], &mut y[i * dh..(i + 1) * dh]);
+                    for j in 0..half {
+                        let (c, s) = (cos[t + j], sign * sin[t + j]);
+                        let (x1, x2) = (xr[j], xr[j + half]);
+                        yr[j] = x1 * c - x2 * s;
+                        yr[j + half] = x2 * c + x1 * s;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad_res: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let back = RopeGrad {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+        };
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+#[cfg(test)]
+mod grad_tests {
+    //! Each differentiable kernel against the same function composed of candle ops: values and
+    //! gradients of a random linear read-out.
+    use candle_core::{Device, Tensor, Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Value and d/dx of `sum(f(x) · r)` for the kernel and the composition.
+    fn check(
+        shape: &[usize],
+        kernel: impl Fn(&Tensor) -> Tensor,
+        reference: impl Fn(&Tensor) -> Tensor,
+    ) {
+        let x = Var::from_tensor(&randn(shape, 1)).unwrap();
+        let ya = kernel(x.as_tensor());
+        let yb = reference(x.as_tensor());
+        let r = randn(ya.dims(), 2);
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&ya, &yb) < 1e-5, "values differ by {}", diff(&ya, &yb));
+        let ga = ya.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = yb.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (ga, gb) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        assert!(diff(ga, gb) < 1e-4, "gradients differ by {}", diff(ga, gb));
+        assert!(
+            ga.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.1
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_its_composition() {
+        let w = randn(&[8], 3);
+        check(
+            &[3, 5, 8],
+            |x| {
+                x.apply_op1(super::RmsNormGrad {
+                    w: w.clone(),
+                    eps: 1e-5,
+                })
+                .unwrap()
+            },
+            |x| {
+                let s = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap();
+                x.broadcast_div(&s).unwrap().broadcast_mul(&w).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn softmax_matches_its_composition_with_masked_entries() {
+        let mut m = vec![0f32; 4 * 6];
+        for i in 0..4 {
+            for j in i + 3..6 {
+                m[i * 6 + j] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(m, (4, 6), &Device::Cpu).unwrap();
+        check(
+            &[2, 4, 6],
+            |x| {
+                x.broadcast_add(&mask)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .apply_op1(super::SoftmaxGrad)
+                    .unwrap()
+            },
+            |x| {
+                let x = x.broadcast_add(&mask).unwrap();
+                let max = x.max_keepdim(D::Minus1).unwrap().detach();
+                let e = x.broadcast_sub(&max).unwrap().exp().unwrap();
+                e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn rope_matches_its_composition() {
+        let (b, h, p, dh) = (2, 3, 4, 8);
+        let cos = randn(&[b, p, dh / 2], 4).cos().unwrap();
+        let sin = randn(&[b, p, dh / 2], 4).sin().unwrap();
+        let cd = std::sync::Arc::new(cos.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let sd = std::sync::Arc::new(sin.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        check(
+            &[b, h, p, dh],
+            |x| {
+                x.apply_op1(super::RopeGrad {
+                    cos: cd.clone(),
+                    sin: sd.clone(),
+                    inverse: false,
+                })
+                .unwrap()
+            },
+            |x| {
+                let half = dh / 2;
+                let x1 = x.narrow(D::Minus1, 0, half).unwrap();
+                let x2 = x.narrow(D::Minus1, half, half).unwrap();
+                let (c, s) = (cos.unsqueeze(1).unwrap(), sin.unsqueeze(1).unwrap());
+                let a = (x1.broadcast_mul(&c).unwrap() - x2.broadcast_mul(&s).unwrap()).unwrap();
+                let bb = (x2.broadcast_mul(&c).unwrap() + x1.broadcast_mul(&s).unwrap()).unwrap();
+                Tensor::cat(&[&a, &bb], D::Minus1).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_its_composition() {
+        check(
+            &[5, 12],
+            |x| x.apply_op1(super::SwiGlu).unwrap(),
+            |x| {
+                let gate = x.narrow(1, 0, 6).unwrap();
+                let up = x.narrow(1, 6, 6).unwrap();
+                (gate.silu().unwrap() * up).unwrap()
+            },
+        );
     }
 }

@@ -92,6 +92,15 @@ fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// True when `x` carries gradients, `w` does not, and both are f32 on the CPU: the case the
+/// differentiable kernels with a frozen weight cover.
+fn frozen_cpu(x: &Tensor, w: Option<&Tensor>) -> bool {
+    x.track_op()
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.is_none_or(|w| !w.track_op() && w.dtype() == DType::F32)
+}
+
 /// Normaliser weights.
 #[derive(Debug, Clone)]
 pub struct NormW {
@@ -900,6 +909,15 @@ impl Model {
                 (Norm::LayerNorm, None) => unreachable!("LayerNorm weights always carry a bias"),
                 (Norm::None, _) => unreachable!("no weights are loaded without a normaliser"),
             }
+        } else if matches!(self.cfg.norm, Norm::RmsNorm)
+            && ln.b.is_none()
+            && !hooks.wants(scale_hp)
+            && frozen_cpu(x, Some(&ln.w))
+        {
+            x.contiguous()?.apply_op1(crate::kernels::RmsNormGrad {
+                w: ln.w.clone(),
+                eps: eps as f32,
+            })?
         } else {
             let xc = match self.cfg.norm {
                 Norm::LayerNorm => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
@@ -1034,9 +1052,20 @@ impl Model {
         let mut q = q.transpose(1, 2)?.contiguous()?;
         let mut k = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        if let Some((cos, sin)) = &ctx.cos_sin {
-            q = rotate(&q, cos, sin, ctx.grad)?;
-            k = rotate(&k, cos, sin, ctx.grad)?;
+        if let (Some((cos, sin)), Some((cd, sd))) = (&ctx.cos_sin, &ctx.cos_sin_data) {
+            let rope = |t: &Tensor| -> Result<Tensor> {
+                if ctx.grad && frozen_cpu(t, None) {
+                    Ok(t.apply_op1(crate::kernels::RopeGrad {
+                        cos: std::sync::Arc::new(cd.clone()),
+                        sin: std::sync::Arc::new(sd.clone()),
+                        inverse: false,
+                    })?)
+                } else {
+                    rotate(t, cos, sin, ctx.grad)
+                }
+            };
+            q = rope(&q)?;
+            k = rope(&k)?;
             for (t, bh) in [(&mut q, BlockHook::RotQ), (&mut k, BlockHook::RotK)] {
                 if hooks.wants(hp(bh)) {
                     let r = hooks.apply(hp(bh), t.transpose(1, 2)?)?;
@@ -1059,7 +1088,11 @@ impl Model {
             None => scores,
         };
         let scores = hooks.apply(hp(BlockHook::AttnScores), scores)?;
-        let pattern = if ctx.grad {
+        let pattern = if ctx.grad && frozen_cpu(&scores, None) {
+            scores
+                .contiguous()?
+                .apply_op1(crate::kernels::SoftmaxGrad)?
+        } else if ctx.grad {
             softmax_differentiable(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
@@ -1125,10 +1158,18 @@ impl Model {
         };
         let hooked = hooks.wants(hp(BlockHook::MlpPre)) || hooks.wants(hp(BlockHook::MlpPreLinear));
         let post = match (&m.gate_up, &m.gate) {
-            (Some(gu), _) if act == Act::Silu && !hooked && !hooks.needs_grad() => {
+            (Some(gu), _)
+                if act == Act::Silu
+                    && !hooked
+                    && (!x2.track_op() || frozen_cpu(&x2, Some(&gu.w))) =>
+            {
                 let y = gu.forward(&x2)?; // [b·p, 2·d_mlp]: gate then up
-                y.apply_op1_no_bwd(&crate::kernels::SwiGlu)?
-                    .reshape((b, p, c.d_mlp))?
+                let y = if y.track_op() {
+                    y.apply_op1(crate::kernels::SwiGlu)?
+                } else {
+                    y.apply_op1_no_bwd(&crate::kernels::SwiGlu)?
+                };
+                y.reshape((b, p, c.d_mlp))?
             }
             (_, Some(gate)) => {
                 let pre = gate.forward(&x2)?.reshape((b, p, c.d_mlp))?;

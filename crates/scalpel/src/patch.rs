@@ -8,7 +8,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use scalpel_circuits::metric::Metric;
 use scalpel_circuits::pairs::{self, PromptPair, TokenPair};
-use scalpel_circuits::patching::{correlation, Direction, PatchGrid, Patcher, Receiver, Sweep};
+use scalpel_circuits::patching::{
+    self, correlation, Direction, PatchGrid, Patcher, Receiver, Sweep,
+};
 use scalpel_models::tokenizer::Tokenizer;
 use scalpel_toys::plot::{heatmap, Heatmap};
 use serde::Serialize;
@@ -235,8 +237,15 @@ pub fn run(args: Args, json: bool) -> Result<()> {
     if let Some(path) = &args.save_pairs {
         pairs::write_jsonl(path, &text)?;
     }
+    // Attribution alone needs none of the caches exact and path patching share, so it skips the
+    // shared setup and runs its own leaner passes.
+    let lean = attribution && !exact && receivers.is_empty();
     let t = Instant::now();
-    let patcher = Patcher::new(model, &tokens, &metric)?;
+    let patcher = if lean {
+        None
+    } else {
+        Some(Patcher::new(model, &tokens, &metric)?)
+    };
     let setup_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for (len, members) in pairs::by_length(&tokens) {
@@ -248,6 +257,17 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         model.forward(&batch)?;
     }
     let forward_seconds = t.elapsed().as_secs_f64();
+    let mut grids: Vec<(PatchGrid, f64, Option<f64>)> = Vec::new();
+    let (clean, corrupt) = match &patcher {
+        Some(p) => (p.clean_metric(), p.corrupt_metric()),
+        None => {
+            let t = Instant::now();
+            let out = patching::attribute(model, &tokens, &metric, &sweeps, direction)?;
+            let secs = t.elapsed().as_secs_f64() / out.grids.len().max(1) as f64;
+            grids.extend(out.grids.into_iter().map(|g| (g, secs, None)));
+            (out.clean, out.corrupt)
+        }
+    };
     let mut positions: Vec<String> = tok.token_strings(&tokens[0].clean);
     if let Some(roles) = &roles {
         for (p, r) in positions.iter_mut().zip(roles) {
@@ -261,15 +281,14 @@ pub fn run(args: Args, json: bool) -> Result<()> {
             "{} pairs · metric {} · clean {:.4} · corrupt {:.4} · {}",
             text.len(),
             metric.name,
-            patcher.clean_metric(),
-            patcher.corrupt_metric(),
+            clean,
+            corrupt,
             direction.name()
         );
         println!("  e.g. clean   {:?}", text[0].clean);
         println!("       corrupt {:?}", text[0].corrupt);
     }
-    let mut grids: Vec<(PatchGrid, f64, Option<f64>)> = Vec::new();
-    if !receivers.is_empty() {
+    if let (Some(patcher), false) = (&patcher, receivers.is_empty()) {
         let total = patcher.groups() * model.config().n_layers;
         let bar = CountBar::start(total as u64, 0, "path patching".into(), "layers");
         let t = Instant::now();
@@ -277,13 +296,13 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         drop(bar);
         grids.push((g, t.elapsed().as_secs_f64(), None));
     }
-    if attribution && !sweeps.is_empty() {
+    if let (Some(patcher), true, false) = (&patcher, attribution, sweeps.is_empty()) {
         let t = Instant::now();
         let out = patcher.attribution(&sweeps, direction)?;
         let secs = t.elapsed().as_secs_f64() / out.len() as f64;
         grids.extend(out.into_iter().map(|g| (g, secs, None)));
     }
-    if exact {
+    if let (Some(patcher), true) = (&patcher, exact) {
         for &s in &sweeps {
             let total = patcher.planned_runs(s);
             let bar = CountBar::start(total as u64, 0, format!("patching {}", s.name()), "runs");
@@ -309,8 +328,8 @@ pub fn run(args: Args, json: bool) -> Result<()> {
         pairs: text.len(),
         metric: &metric.name,
         direction,
-        clean: patcher.clean_metric(),
-        corrupt: patcher.corrupt_metric(),
+        clean,
+        corrupt,
         setup_seconds,
         forward_seconds,
         positions: positions.clone(),

@@ -95,7 +95,8 @@ fn exact_and_attribution_grids_with_heatmaps() {
     let last = scores[29 * seq + seq - 1];
     assert!(last > 0.8, "{last}");
     assert!((0..30).all(|l| scores[l * seq] == 0.0));
-    // The saved pairs rerun to the same metrics, and `attribute` skips exact patching.
+    // The saved pairs rerun to the same metrics, and `attribute` skips exact patching. Its own
+    // leaner passes use other kernels (e.g. the fused attention), so agreement is to rounding.
     let v = json(&[
         "attribute",
         "--pairs",
@@ -104,7 +105,8 @@ fn exact_and_attribution_grids_with_heatmaps() {
         "z_head",
         "--json",
     ]);
-    assert!((v["clean"].as_f64().unwrap() - clean).abs() < 1e-9);
+    let d = (v["clean"].as_f64().unwrap() - clean).abs();
+    assert!(d < 1e-4, "clean metric {} vs {clean}", v["clean"]);
     let grids = v["grids"].as_array().unwrap();
     assert_eq!(grids.len(), 1);
     assert_eq!(grids[0]["method"], "attribution");
