@@ -726,3 +726,377 @@ mod grad_tests {
         );
     }
 }
+
+/// Shared cos and sin tables `[b, p, dh/2]`.
+pub(crate) type RotaryTables = (std::sync::Arc<Vec<f32>>, std::sync::Arc<Vec<f32>>);
+
+/// [`CausalAttention`] with a backward pass, for gradients that do not need the attention's
+/// internals (queries, keys, values, scores or pattern) as separate values: the forward pass is the
+/// fused kernel, and the backward pass recomputes each row's attention weights and returns the
+/// gradient with respect to the fused q/k/v projection `[b, p, h + 2·kv_heads, dh]`.
+pub(crate) struct CausalAttentionGrad {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub scale: f32,
+    pub cos_sin: Option<RotaryTables>,
+    pub real: std::sync::Arc<Vec<Vec<bool>>>,
+}
+
+impl CausalAttentionGrad {
+    fn fused(&self) -> CausalAttention<'_> {
+        CausalAttention {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            scale: self.scale,
+            cos_sin: self
+                .cos_sin
+                .as_ref()
+                .map(|(c, s)| (c.as_slice(), s.as_slice())),
+            real: &self.real,
+        }
+    }
+}
+
+impl CustomOp1 for CausalAttentionGrad {
+    fn name(&self) -> &'static str {
+        "causal-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fused().cpu_fwd(storage, layout)
+    }
+
+    fn bwd(
+        &self,
+        arg: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad_res: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let back = CausalAttentionBackward {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            scale: self.scale,
+            cos_sin: self.cos_sin.clone(),
+            real: self.real.clone(),
+        };
+        let x = arg.contiguous()?;
+        let g = grad_res.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(&g, &back)?))
+    }
+}
+
+struct CausalAttentionBackward {
+    n_heads: usize,
+    n_kv_heads: usize,
+    scale: f32,
+    cos_sin: Option<RotaryTables>,
+    real: std::sync::Arc<Vec<Vec<bool>>>,
+}
+
+impl candle_core::CustomOp2 for CausalAttentionBackward {
+    fn name(&self) -> &'static str {
+        "causal-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let src = f32_contiguous(xs, xl, "causal-attention-backward")?;
+        let dz = f32_contiguous(gs, gl, "causal-attention-backward")?;
+        let (b, p, heads, dh) = xl.shape().dims4()?;
+        let (h, kvh) = (self.n_heads, self.n_kv_heads);
+        if heads != h + 2 * kvh
+            || self.real.len() != b
+            || h % kvh != 0
+            || dz.len() != b * p * h * dh
+        {
+            candle_core::bail!("causal-attention-backward: inconsistent shapes");
+        }
+        let (row, half, n_rep, scale) = (heads * dh, dh / 2, h / kvh, self.scale);
+        let tables = self.cos_sin.as_ref();
+        // Rotation of one head vector by the angle at row r (`sign` −1: the inverse rotation).
+        let rot = |x: &[f32], r: usize, sign: f32, out: &mut [f32]| match tables {
+            Some((cos, sin)) => {
+                let (c, s) = (
+                    &cos[r * half..(r + 1) * half],
+                    &sin[r * half..(r + 1) * half],
+                );
+                for i in 0..half {
+                    let (x1, x2) = (x[i], x[i + half]);
+                    out[i] = x1 * c[i] - sign * x2 * s[i];
+                    out[i + half] = x2 * c[i] + sign * x1 * s[i];
+                }
+            }
+            None => out.copy_from_slice(x),
+        };
+        // One task per (batch row, key/value head): it owns that head's keys and values and the
+        // queries of its group. Returns d q [p, n_rep, dh], d k [p, dh], d v [p, dh].
+        let tasks: Vec<(usize, usize)> = (0..b)
+            .flat_map(|bi| (0..kvh).map(move |g| (bi, g)))
+            .collect();
+        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+            .par_iter()
+            .map(|&(bi, g)| {
+                let real = &self.real[bi];
+                let at = |i: usize, slot: usize| &src[(bi * p + i) * row + slot * dh..][..dh];
+                let mut k = vec![0f32; p * dh];
+                for j in 0..p {
+                    rot(at(j, h + g), bi * p + j, 1.0, &mut k[j * dh..(j + 1) * dh]);
+                }
+                let (mut dq, mut dk, mut dv) = (
+                    vec![0f32; p * n_rep * dh],
+                    vec![0f32; p * dh],
+                    vec![0f32; p * dh],
+                );
+                let mut q = vec![0f32; dh];
+                let mut dqr = vec![0f32; dh];
+                let mut w = vec![0f32; p];
+                let mut dp = vec![0f32; p];
+                for i in 0..p {
+                    for rep in 0..n_rep {
+                        let head = g * n_rep + rep;
+                        rot(at(i, head), bi * p + i, 1.0, &mut q);
+                        for v in q.iter_mut() {
+                            *v *= scale;
+                        }
+                        let dzr = &dz[((bi * p + i) * h + head) * dh..][..dh];
+                        let mut max = f32::NEG_INFINITY;
+                        for j in 0..=i {
+                            let visible = if real[i] { real[j] } else { j == i };
+                            w[j] = if visible {
+                                let s = dot(&q, &k[j * dh..(j + 1) * dh]);
+                                max = max.max(s);
+                                s
+                            } else {
+                                f32::NEG_INFINITY
+                            };
+                        }
+                        let mut sum = 0f32;
+                        for wj in w[..=i].iter_mut() {
+                            *wj = (*wj - max).exp();
+                            sum += *wj;
+                        }
+                        let mut s = 0f32;
+                        for j in 0..=i {
+                            w[j] /= sum;
+                            dp[j] = if w[j] == 0.0 {
+                                0.0
+                            } else {
+                                dot(dzr, at(j, h + kvh + g))
+                            };
+                            s += w[j] * dp[j];
+                        }
+                        dqr.fill(0.0);
+                        for j in 0..=i {
+                            if w[j] == 0.0 {
+                                continue;
+                            }
+                            let ds = w[j] * (dp[j] - s);
+                            let kj = &k[j * dh..(j + 1) * dh];
+                            let dkj = &mut dk[j * dh..(j + 1) * dh];
+                            let dvj = &mut dv[j * dh..(j + 1) * dh];
+                            for t in 0..dh {
+                                dqr[t] += ds * kj[t];
+                                dkj[t] += ds * q[t];
+                                dvj[t] += w[j] * dzr[t];
+                            }
+                        }
+                        // Through the scale and back through the rotation.
+                        for v in dqr.iter_mut() {
+                            *v *= scale;
+                        }
+                        let o = (i * n_rep + rep) * dh;
+                        rot(&dqr, bi * p + i, -1.0, &mut dq[o..o + dh]);
+                    }
+                }
+                let mut dk_raw = vec![0f32; p * dh];
+                for j in 0..p {
+                    rot(
+                        &dk[j * dh..(j + 1) * dh],
+                        bi * p + j,
+                        -1.0,
+                        &mut dk_raw[j * dh..(j + 1) * dh],
+                    );
+                }
+                (dq, dk_raw, dv)
+            })
+            .collect();
+        let mut out = vec![0f32; src.len()];
+        for (&(bi, g), (dq, dk, dv)) in tasks.iter().zip(&parts) {
+            for i in 0..p {
+                let base = (bi * p + i) * row;
+                for rep in 0..n_rep {
+                    let head = g * n_rep + rep;
+                    out[base + head * dh..][..dh]
+                        .copy_from_slice(&dq[(i * n_rep + rep) * dh..][..dh]);
+                }
+                out[base + (h + g) * dh..][..dh].copy_from_slice(&dk[i * dh..(i + 1) * dh]);
+                out[base + (h + kvh + g) * dh..][..dh].copy_from_slice(&dv[i * dh..(i + 1) * dh]);
+            }
+        }
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod attention_grad_tests {
+    //! The fused attention's backward pass against candle's autograd through the same attention
+    //! composed of ops (rotary, grouped-query scores, causal mask with a padded row, softmax).
+    use candle_core::{Device, Tensor, Var, D};
+    use std::sync::Arc;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.5f32..1.5)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn composed(
+        x: &Tensor,
+        h: usize,
+        kvh: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        real: &[Vec<bool>],
+    ) -> Tensor {
+        let (b, p, _, dh) = x.dims4().unwrap();
+        let half = dh / 2;
+        let rope = |t: &Tensor| {
+            // t [b, heads, p, dh]
+            let x1 = t.narrow(D::Minus1, 0, half).unwrap();
+            let x2 = t.narrow(D::Minus1, half, half).unwrap();
+            let (c, s) = (cos.unsqueeze(1).unwrap(), sin.unsqueeze(1).unwrap());
+            let a = (x1.broadcast_mul(&c).unwrap() - x2.broadcast_mul(&s).unwrap()).unwrap();
+            let bb = (x2.broadcast_mul(&c).unwrap() + x1.broadcast_mul(&s).unwrap()).unwrap();
+            Tensor::cat(&[&a, &bb], D::Minus1).unwrap()
+        };
+        let q = rope(
+            &x.narrow(2, 0, h)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap(),
+        );
+        let k = rope(
+            &x.narrow(2, h, kvh)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap(),
+        );
+        let v = x
+            .narrow(2, h + kvh, kvh)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let n_rep = h / kvh;
+        let rep = |t: &Tensor| {
+            let parts: Vec<Tensor> = (0..h).map(|i| t.narrow(1, i / n_rep, 1).unwrap()).collect();
+            Tensor::cat(&parts, 1).unwrap()
+        };
+        let (k, v) = (rep(&k), rep(&v));
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (dh as f64).sqrt()).unwrap();
+        let mut m = vec![0f32; b * p * p];
+        for (r, row) in real.iter().enumerate() {
+            for i in 0..p {
+                for j in 0..p {
+                    let visible = if row[i] { j <= i && row[j] } else { j == i };
+                    if !visible {
+                        m[(r * p + i) * p + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, p, p), &Device::Cpu).unwrap();
+        let s = scores.broadcast_add(&mask).unwrap();
+        let max = s.max_keepdim(D::Minus1).unwrap().detach();
+        let e = s.broadcast_sub(&max).unwrap().exp().unwrap();
+        let pat = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        pat.matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_gradient_matches_autograd() {
+        let (b, p, h, kvh, dh) = (2, 5, 4, 2, 8);
+        let x = Var::from_tensor(&randn(&[b, p, h + 2 * kvh, dh], 7)).unwrap();
+        let angles = randn(&[b, p, dh / 2], 8);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        // The second row is left-padded at its first position.
+        let real = vec![vec![true; p], {
+            let mut r = vec![true; p];
+            r[0] = false;
+            r
+        }];
+        let op = super::CausalAttentionGrad {
+            n_heads: h,
+            n_kv_heads: kvh,
+            scale: 1.0 / (dh as f32).sqrt(),
+            cos_sin: Some((
+                Arc::new(cos.flatten_all().unwrap().to_vec1().unwrap()),
+                Arc::new(sin.flatten_all().unwrap().to_vec1().unwrap()),
+            )),
+            real: Arc::new(real.clone()),
+        };
+        let za = x.as_tensor().apply_op1(op).unwrap();
+        let zb = composed(x.as_tensor(), h, kvh, &cos, &sin, &real);
+        let r = randn(za.dims(), 9);
+        let maxdiff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(
+            maxdiff(&za, &zb) < 1e-5,
+            "z differs by {}",
+            maxdiff(&za, &zb)
+        );
+        let ga = za.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = zb.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (ga, gb) = (
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        assert!(
+            maxdiff(ga, gb) < 1e-4,
+            "gradients differ by {}",
+            maxdiff(ga, gb)
+        );
+        // Every part of the projection gets a gradient: queries, keys and values.
+        for (start, n) in [(0, h), (h, kvh), (h + kvh, kvh)] {
+            let part = ga
+                .narrow(2, start, n)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            assert!(part.to_scalar::<f32>().unwrap() > 1e-3);
+        }
+    }
+}

@@ -1029,6 +1029,28 @@ impl Model {
             let z = hooks.apply(hp(BlockHook::Z), z)?;
             return Ok((self.attention_output(l, a, z, hooks)?, None));
         }
+        if let (Some(qkv), true, false, false) = (&a.qkv, ctx.grad, ctx.caching, internals_wanted) {
+            let frozen = !qkv.w.track_op() && qkv.b.is_none();
+            if frozen && x.device().is_cpu() && x.dtype() == DType::F32 {
+                // Gradients that need no attention internals: the fused kernel forward, with
+                // a backward pass of its own.
+                let y = qkv.forward(&x2)?.reshape((b, p, h + 2 * kvh, dh))?;
+                let z = y.apply_op1(crate::kernels::CausalAttentionGrad {
+                    n_heads: h,
+                    n_kv_heads: kvh,
+                    scale: 1.0 / (dh as f32).sqrt(),
+                    cos_sin: ctx.cos_sin_data.as_ref().map(|(c, s)| {
+                        (
+                            std::sync::Arc::new(c.clone()),
+                            std::sync::Arc::new(s.clone()),
+                        )
+                    }),
+                    real: std::sync::Arc::new(ctx.real.clone()),
+                })?;
+                let z = hooks.apply(hp(BlockHook::Z), z)?;
+                return Ok((self.attention_output(l, a, z, hooks)?, None));
+            }
+        }
         let (q, k, v) = match &a.qkv {
             Some(qkv) => {
                 // One matmul; q, k, v are head-slices of its output, [b, p, heads, dh] views.
