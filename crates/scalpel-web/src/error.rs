@@ -3,27 +3,47 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+/// Errors of the library. The errors of other crates are boxed so that `Result`s stay small.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     Msg(String),
     #[error("dashboard database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(Box<rusqlite::Error>),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
     #[error(transparent)]
-    Models(#[from] scalpel_models::ModelError),
+    Models(Box<scalpel_models::ModelError>),
     #[error(transparent)]
-    Dict(#[from] scalpel_dict::DictError),
+    Dict(Box<scalpel_dict::DictError>),
     #[error(transparent)]
-    Data(#[from] scalpel_data::DataError),
+    Data(Box<scalpel_data::DataError>),
     #[error(transparent)]
-    Circuits(#[from] scalpel_circuits::CircuitError),
+    Circuits(Box<scalpel_circuits::CircuitError>),
 }
+
+macro_rules! boxed_from {
+    ($($ty:ty => $variant:ident),* $(,)?) => {
+        $(impl From<$ty> for Error {
+            fn from(e: $ty) -> Self {
+                Error::$variant(Box::new(e))
+            }
+        })*
+    };
+}
+
+boxed_from!(
+    rusqlite::Error => Db,
+    candle_core::Error => Candle,
+    scalpel_models::ModelError => Models,
+    scalpel_dict::DictError => Dict,
+    scalpel_data::DataError => Data,
+    scalpel_circuits::CircuitError => Circuits,
+);
 
 impl Error {
     pub fn msg(s: impl Into<String>) -> Self {
@@ -42,7 +62,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError {
+            status,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use scalpel_core::HookPoint;
+use scalpel_core::{ActivationCache, HookPoint};
 use scalpel_dict::Sae;
 use scalpel_models::tokenizer::Tokenizer;
 use scalpel_models::transformer::Model;
@@ -116,7 +116,11 @@ impl AppState {
             let known: Vec<&str> = self.dicts.iter().map(|d| d.id.as_str()).collect();
             ApiError::not_found(format!(
                 "no dictionary `{id}` is loaded (loaded: {})",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             ))
         })
     }
@@ -155,22 +159,50 @@ impl AppState {
 
     /// One forward pass over `tokens`: the logits `[seq, d_vocab]` and, for each dictionary index
     /// in `dicts`, its latent activations `[seq, d_sae]` at its hook.
-    pub fn dict_activations(&self, tokens: &[u32], dicts: &[usize]) -> Result<(Tensor, Vec<Tensor>)> {
-        let hooks: Vec<HookPoint> = dicts
-            .iter()
-            .map(|&i| self.dicts.get(i).map(|d| d.hook).ok_or_else(|| Error::msg("no such dictionary")))
-            .collect::<Result<_>>()?;
+    pub fn dict_activations(
+        &self,
+        tokens: &[u32],
+        dicts: &[usize],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let hooks = self.dict_hooks(dicts)?;
         let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
         let (logits, cache) = self.model.run_with_cache(&input, |p| hooks.contains(&p))?;
+        let out = self.encode_cached(&cache, tokens.len(), dicts)?;
+        Ok((logits.squeeze(0)?, out))
+    }
+
+    /// The hooks dictionaries `dicts` (indices into `self.dicts`) read, for a forward pass that
+    /// must record them.
+    pub fn dict_hooks(&self, dicts: &[usize]) -> Result<Vec<HookPoint>> {
+        dicts
+            .iter()
+            .map(|&i| {
+                self.dicts
+                    .get(i)
+                    .map(|d| d.hook)
+                    .ok_or_else(|| Error::msg("no such dictionary"))
+            })
+            .collect()
+    }
+
+    /// Latent activations `[seq, d_sae]` of each dictionary in `dicts`, encoding what `cache`
+    /// recorded at their hooks during a forward pass over one sequence of `seq` tokens.
+    pub fn encode_cached(
+        &self,
+        cache: &ActivationCache,
+        seq: usize,
+        dicts: &[usize],
+    ) -> Result<Vec<Tensor>> {
         let mut out = Vec::with_capacity(dicts.len());
-        for (&i, hook) in dicts.iter().zip(&hooks) {
+        for (&i, hook) in dicts.iter().zip(self.dict_hooks(dicts)?) {
             let act = cache
-                .get(*hook)
+                .get(hook)
                 .ok_or_else(|| Error::msg(format!("the model did not record {hook}")))?;
-            let n = tokens.len();
-            let x = act.reshape((n, act.elem_count() / n))?.to_dtype(DType::F32)?;
+            let x = act
+                .reshape((seq, act.elem_count() / seq.max(1)))?
+                .to_dtype(DType::F32)?;
             out.push(self.dicts[i].sae.encode(&x)?);
         }
-        Ok((logits.squeeze(0)?, out))
+        Ok(out)
     }
 }

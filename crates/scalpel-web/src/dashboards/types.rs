@@ -98,3 +98,11 @@ pub struct LatentDashboard {
     /// Latents whose decoder rows are most similar (not including this one), most similar first.
     pub similar: Vec<Similar>,
 }
+
+/// A latent that fired on a token, with its largest activation there (from the database's token
+/// index: the peak tokens of each latent's top contexts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenHit {
+    pub latent: u32,
+    pub max_act: f32,
+}
