@@ -18,10 +18,7 @@ use scalpel_circuits::pairs::{self, PromptPair};
 use scalpel_circuits::patching::{Direction, Patcher, Sweep};
 use scalpel_circuits::steer::{sae_decoder_row, steer_generate, Positions};
 use scalpel_core::{BlockHook, HookPoint, Hooks};
-use scalpel_dict::{Architecture, DictConfig, Sae};
 use scalpel_models::generation::{generate, GenerateOptions};
-use scalpel_models::tokenizer::Tokenizer;
-use scalpel_models::transformer::Model;
 use scalpel_web::dashboards::{
     Context, DashboardDb, DictInfo, Histogram, LatentDashboard, Similar, TokenValue,
 };
@@ -30,24 +27,10 @@ use scalpel_web::state::{AppState, Limits, LoadedDict};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-const MODEL: &str = "smollm2-135m";
-const DICT: &str = "3-res-test";
-const LAYER: usize = 3;
-const D_SAE: usize = 64;
-const PROMPT: &str = "The Eiffel Tower is in Paris, the capital of";
+mod common;
+use common::{parts, D_SAE, LAYER, MODEL, PROMPT};
 
-/// The default model and a random dictionary at `blocks.3.hook_resid_pre`, loaded once.
-fn parts() -> &'static (Model, Tokenizer, Sae) {
-    static PARTS: OnceLock<(Model, Tokenizer, Sae)> = OnceLock::new();
-    PARTS.get_or_init(|| {
-        let loaded = scalpel_models::loader::load(MODEL, &Device::Cpu).expect("default model");
-        let tok = loaded.tokenizer.clone().expect("tokenizer");
-        let d = loaded.model.config().d_model;
-        let cfg = DictConfig::new(Architecture::Standard, d, D_SAE);
-        let sae = Sae::random(cfg, 0.05, &Device::Cpu).expect("random dictionary");
-        (loaded.model, tok, sae)
-    })
-}
+const DICT: &str = "3-res-test";
 
 fn limits() -> Limits {
     Limits {

@@ -3,7 +3,7 @@
 //! cosines against a hand computation, the default completion against
 //! `scalpel_models::generation::generate`), and its errors.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -11,36 +11,15 @@ use axum::Router;
 use candle_core::{Device, Tensor};
 use http_body_util::BodyExt;
 use scalpel_core::{HookPoint, Hooks};
-use scalpel_dict::{Architecture, DictConfig, Sae};
 use scalpel_models::generation::{generate, GenerateOptions};
-use scalpel_models::tokenizer::Tokenizer;
-use scalpel_models::transformer::Model;
 use scalpel_web::state::{AppState, Limits, LoadedDict};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-const MODEL: &str = "smollm2-135m";
-const SOURCE: &str = "3-res-test";
-const LAYER: usize = 3;
-const D_SAE: usize = 64;
-const PROMPT: &str = "The Eiffel Tower is in Paris, the capital of";
+mod common;
+use common::{parts, D_SAE, LAYER, MODEL, PROMPT};
 
-/// The default model and a random dictionary at `blocks.3.hook_resid_pre`, loaded once.
-fn parts() -> &'static (Model, Tokenizer, Sae) {
-    static PARTS: OnceLock<(Model, Tokenizer, Sae)> = OnceLock::new();
-    PARTS.get_or_init(|| {
-        let loaded = scalpel_models::loader::load(MODEL, &Device::Cpu).expect("default model");
-        let tok = loaded.tokenizer.clone().expect("tokenizer");
-        let d = loaded.model.config().d_model;
-        let sae = Sae::random(
-            DictConfig::new(Architecture::Standard, d, D_SAE),
-            0.05,
-            &Device::Cpu,
-        )
-        .expect("random dictionary");
-        (loaded.model, tok, sae)
-    })
-}
+const SOURCE: &str = "3-res-test";
 
 fn state_with(secret: Option<&str>, limits: Limits) -> Arc<AppState> {
     let (model, tok, sae) = parts();

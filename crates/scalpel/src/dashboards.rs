@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use scalpel_core::HookPoint;
 use scalpel_data::packing::{self, Packer, PackingConfig};
 use scalpel_data::store::StoreReader;
@@ -21,6 +21,7 @@ use scalpel_dict::Sae;
 use scalpel_models::loader::LoadedModel;
 use scalpel_web::dashboards::compute::{self, Chunk, DictSource, Options, Run, Unembed};
 use scalpel_web::dashboards::{export, DashboardDb, DictInfo};
+use scalpel_web::state::LoadedDict;
 
 use crate::progress::CountBar;
 
@@ -165,51 +166,6 @@ fn run_export(args: ExportArgs, json: bool) -> Result<()> {
     Ok(out.flush()?)
 }
 
-/// A dictionary named on the command line.
-struct Dict {
-    id: String,
-    sae: Sae,
-    hook: HookPoint,
-}
-
-fn load_dicts(specs: &[String], model: &LoadedModel) -> Result<Vec<Dict>> {
-    let mut dicts: Vec<Dict> = Vec::new();
-    for spec in specs {
-        let (id, path) = match spec.split_once('=') {
-            Some((id, path)) if !id.is_empty() => (id.to_string(), PathBuf::from(path)),
-            _ => {
-                let path = PathBuf::from(spec);
-                let id = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| spec.clone());
-                (id, path)
-            }
-        };
-        if dicts.iter().any(|d| d.id == id) {
-            bail!("--dict: the id `{id}` is given twice (name them with ID=PATH)");
-        }
-        let sae = scalpel_dict::saelens::load(&path, &Device::Cpu)
-            .with_context(|| format!("--dict {spec}"))?;
-        let Some(name) = sae.cfg.metadata.hook_name.clone() else {
-            bail!("--dict {spec}: the dictionary's config names no hook (metadata.hook_name)");
-        };
-        let hook = model
-            .model
-            .hook_point(&name)
-            .with_context(|| format!("--dict {spec}: its hook `{name}`"))?;
-        let width = harvest::hook_width(&model.model, hook)?;
-        if width != sae.cfg.d_in {
-            bail!(
-                "--dict {spec}: d_in is {} but `{hook}` of this model has width {width}",
-                sae.cfg.d_in
-            );
-        }
-        dicts.push(Dict { id, sae, hook });
-    }
-    Ok(dicts)
-}
-
 fn run_compute(args: ComputeArgs, json: bool) -> Result<()> {
     if args.dicts.is_empty() {
         bail!("give at least one --dict (a SAELens dictionary folder)");
@@ -253,7 +209,7 @@ fn run_compute(args: ComputeArgs, json: bool) -> Result<()> {
     }
     .load()?;
     let tokenizer = lm.tokenizer()?;
-    let dicts = load_dicts(&args.dicts, &lm)?;
+    let dicts = crate::serve::load_dicts(&args.dicts, &lm.model)?;
     let ckpt = checkpoint_path(&out);
     let start = Instant::now();
     let saes: Vec<&Sae> = dicts.iter().map(|d| &d.sae).collect();
@@ -415,7 +371,7 @@ fn corpus_pass(
     data: &str,
     tokens: u64,
     lm: &LoadedModel,
-    dicts: &[Dict],
+    dicts: &[LoadedDict],
     opts: &Options,
     ckpt: &Path,
 ) -> Result<Run> {
@@ -510,7 +466,13 @@ struct ChunkBuf {
 impl ChunkBuf {
     /// Folds the buffered contexts into every dictionary's pass (special tokens excluded) and
     /// empties the buffer.
-    fn fold(&mut self, run: &mut Run, dicts: &[Dict], cs: usize, specials: &[u32]) -> Result<()> {
+    fn fold(
+        &mut self,
+        run: &mut Run,
+        dicts: &[LoadedDict],
+        cs: usize,
+        specials: &[u32],
+    ) -> Result<()> {
         if self.contexts == 0 {
             return Ok(());
         }
