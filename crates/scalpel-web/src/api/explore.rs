@@ -120,13 +120,22 @@ fn explore_job(s: &AppState, ids: &[u32], top_k: usize, dicts: &[usize]) -> crat
         let n = s.model.final_norm(resid)?.to_dtype(DType::F32)?;
         normed.extend(n.flatten_all()?.to_vec1::<f32>()?);
     }
-    let w_u = s
-        .model
-        .w_u_rows()
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let mut tops = lens_tops(&normed, &w_u, c.d_model, c.d_vocab);
+    // The unembedding is read in place (it is 113 MB for SmolLM2); a copy only when it is not
+    // contiguous f32 on the CPU.
+    let w = s.model.w_u_rows();
+    let mut tops = {
+        let (storage, layout) = w.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) => {
+                lens_tops(&normed, &data[a..b], c.d_model, c.d_vocab)
+            }
+            _ => {
+                drop(storage);
+                let copy = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                lens_tops(&normed, &copy, c.d_model, c.d_vocab)
+            }
+        }
+    };
     debug_assert_eq!(*last, depth_hook(c.n_layers));
     tops.extend(logits.iter().map(|row| {
         let max = row_max(row);
