@@ -24,7 +24,7 @@ use crate::ApiError;
 #[path = "api/explore.rs"]
 mod explore;
 #[path = "api/extract.rs"]
-mod extract;
+pub(crate) mod extract;
 #[path = "api/latent.rs"]
 mod latent;
 #[path = "api/meta.rs"]

@@ -339,10 +339,7 @@ async fn single_refuses_bad_requests() {
     assert_eq!(s, bad);
     let v: Value = serde_json::from_str(&text).unwrap();
     assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .contains("invalid request body"),
+        v["error"].as_str().unwrap().contains("malformed JSON body"),
         "{v}"
     );
     // A prompt over the limit, and a body over the limit.
@@ -733,7 +730,7 @@ async fn steering_refuses_what_it_cannot_do() {
             json!({"steer_method": "ORTHOGONAL_DECOMP"}),
             "SIMPLE_ADDITIVE",
         ),
-        (json!({"steer_method": "SIDEWAYS"}), "invalid request body"),
+        (json!({"steer_method": "SIDEWAYS"}), "malformed JSON body"),
         (
             json!({"n_completion_tokens": 100000}),
             "n_completion_tokens",

@@ -14,13 +14,12 @@ mod util;
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use serde::de::DeserializeOwned;
 
 use crate::state::{AppState, LoadedDict};
 use crate::ApiError;
@@ -86,40 +85,9 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A JSON request body. Every rejection is an [`ApiError`]: 413 past the body limit, 400 naming
-/// what is wrong with the JSON. (The body is read here rather than through axum's `Bytes`
-/// extractor, whose rejections are plain text.)
-pub struct NpJson<T>(pub T);
-
-impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for NpJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let limit = state.limits.max_body_bytes;
-        let too_large = || {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request body is larger than the limit of {limit} bytes"),
-            )
-        };
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Err(too_large());
-        }
-        let body = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|e| match e.into_inner() {
-                e if e.is::<http_body_util::LengthLimitError>() => too_large(),
-                e => ApiError::bad_request(format!("could not read the request body: {e}")),
-            })?;
-        serde_json::from_slice(&body)
-            .map(NpJson)
-            .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
-    }
-}
+/// Request bodies are read as the web API reads them: 413 past the body limit, 400 naming what
+/// is wrong with the JSON.
+pub(crate) use crate::server::extract::ApiJson as NpJson;
 
 /// Refuses a request for a model this server does not hold.
 fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
