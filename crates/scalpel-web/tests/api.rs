@@ -23,14 +23,12 @@ use scalpel_web::dashboards::{
     Context, DashboardDb, DictInfo, Histogram, LatentDashboard, Similar, TokenValue,
 };
 use scalpel_web::server::router;
-use scalpel_web::state::{AppState, Limits, LoadedDict};
+use scalpel_web::state::{AppState, Limits};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
 mod common;
-use common::{parts, D_SAE, LAYER, MODEL, PROMPT};
-
-const DICT: &str = "3-res-test";
+use common::{parts, DICT, D_SAE, LAYER, MODEL, PROMPT};
 
 fn limits() -> Limits {
     Limits {
@@ -43,22 +41,7 @@ fn limits() -> Limits {
 }
 
 fn state_with(limits: Limits, db: Option<DashboardDb>) -> Arc<AppState> {
-    let (model, tok, sae) = parts();
-    let dict = LoadedDict {
-        id: DICT.into(),
-        hook: HookPoint::resid_pre(LAYER),
-        layer: LAYER,
-        sae: sae.clone(),
-    };
-    AppState::new(
-        model.clone(),
-        tok.clone(),
-        MODEL,
-        vec![dict],
-        db,
-        limits,
-        None,
-    )
+    common::state(limits, db, None)
 }
 
 /// The app with no dashboard database.

@@ -12,32 +12,17 @@ use candle_core::{Device, Tensor};
 use http_body_util::BodyExt;
 use scalpel_core::{HookPoint, Hooks};
 use scalpel_models::generation::{generate, GenerateOptions};
-use scalpel_web::state::{AppState, Limits, LoadedDict};
+use scalpel_web::state::{AppState, Limits};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
 mod common;
-use common::{parts, D_SAE, LAYER, MODEL, PROMPT};
+use common::{close, floats, parts, D_SAE, LAYER, MODEL, PROMPT};
 
-const SOURCE: &str = "3-res-test";
+use common::DICT as SOURCE;
 
 fn state_with(secret: Option<&str>, limits: Limits) -> Arc<AppState> {
-    let (model, tok, sae) = parts();
-    let dict = LoadedDict {
-        id: SOURCE.into(),
-        hook: HookPoint::resid_pre(LAYER),
-        layer: LAYER,
-        sae: sae.clone(),
-    };
-    AppState::new(
-        model.clone(),
-        tok.clone(),
-        MODEL,
-        vec![dict],
-        None,
-        limits,
-        secret.map(str::to_string),
-    )
+    common::state(limits, None, secret)
 }
 
 fn app() -> Router {
@@ -124,18 +109,6 @@ fn resid(prompt: &str) -> Vec<Vec<f32>> {
 
 fn w_dec() -> Vec<Vec<f32>> {
     parts().2.tensor("W_dec").unwrap().to_vec2().unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn close(a: f32, b: f32) -> bool {
-    (a - b).abs() <= 1e-4 + 1e-4 * b.abs()
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {

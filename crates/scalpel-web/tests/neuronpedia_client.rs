@@ -17,6 +17,9 @@ use scalpel_models::generation::{generate, GenerateOptions};
 use scalpel_web::state::{AppState, Limits, LoadedDict};
 use serde_json::Value;
 
+mod common;
+use common::{close, floats};
+
 const CLIENT: &str = "neuronpedia-inference-client==1.10.1";
 const MODEL: &str = "smollm2-135m";
 const SOURCE: &str = "3-res-test";
@@ -77,18 +80,6 @@ fn client_python() -> PathBuf {
         "{CLIENT} did not import after installing"
     );
     python
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn close(a: f32, b: f32) -> bool {
-    (a - b).abs() <= 1e-4 + 1e-4 * b.abs()
 }
 
 fn output(v: &Value, kind: &str) -> String {

@@ -27,3 +27,44 @@ pub fn parts() -> &'static (Model, Tokenizer, Sae) {
         (loaded.model, tok, sae)
     })
 }
+
+/// The dictionary's id (a Neuronpedia source id).
+pub const DICT: &str = "3-res-test";
+
+/// Server state over [`parts`]: the model and the dictionary as [`DICT`].
+pub fn state(
+    limits: scalpel_web::state::Limits,
+    db: Option<scalpel_web::dashboards::DashboardDb>,
+    secret: Option<&str>,
+) -> std::sync::Arc<scalpel_web::state::AppState> {
+    let (model, tok, sae) = parts();
+    let dict = scalpel_web::state::LoadedDict {
+        id: DICT.into(),
+        hook: scalpel_core::HookPoint::resid_pre(LAYER),
+        layer: LAYER,
+        sae: sae.clone(),
+    };
+    scalpel_web::state::AppState::new(
+        model.clone(),
+        tok.clone(),
+        MODEL,
+        vec![dict],
+        db,
+        limits,
+        secret.map(str::to_string),
+    )
+}
+
+/// A JSON array of numbers as f32.
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|x| x.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+/// Equal to 1e-4, absolute plus relative.
+pub fn close(a: f32, b: f32) -> bool {
+    (a - b).abs() <= 1e-4 + 1e-4 * b.abs()
+}
